@@ -1,0 +1,157 @@
+"""Layer 5: the `kvmcolo` command line.
+
+Mistakes a user can make end with one line on stderr and exit status 2, never
+a traceback.  `kvmcolo run` exits with the guest's debug-exit status, 0 when
+the guest shuts down or resets, and 1 when a vCPU fails (the log says why).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import signal
+import sys
+
+from kvmcolo import __version__
+from kvmcolo.errors import UserError
+
+log = logging.getLogger("kvmcolo")
+
+USER_ERROR_STATUS = 2
+INTERRUPTED_STATUS = 130
+
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1 << 20, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """'256M', '1G', '512MiB', '65536K'; a bare number is MiB (as QEMU's -m)."""
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise UserError(f"bad size {text!r}: use a number with an optional K, M, G or T suffix (e.g. 256M)")
+    return int(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (and exit status 2)."""
+
+    def error(self, message: str):  # noqa: D401 - argparse's API
+        raise UserError(f"{self.prog}: {message} (see --help)")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="kvmcolo",
+        description="kvmcolo: a userspace KVM checkpointer that keeps a guest's service alive "
+        "when its host dies (COLO).",
+        epilog="Run 'kvmcolo COMMAND --help' for a command's options.",
+    )
+    p.add_argument("--version", action="version", version=f"kvmcolo {__version__}")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (repeatable)")
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    run = sub.add_parser(
+        "run",
+        help="boot a guest and run it until it exits",
+        description="Boot a PVH kernel (or a built-in tiny guest) and run it until it exits. "
+        "The guest's serial console is printed on stdout; kvmcolo exits with the status "
+        "the guest writes to the debug-exit port (0xf4).",
+        epilog="Examples:\n"
+        "  kvmcolo run --image hello\n"
+        "  kvmcolo run --image dirty -- pages=256 passes=1000\n"
+        "  kvmcolo run --image smp --cpus 2\n"
+        "  kvmcolo run --kernel ./vmlinux --cmdline 'console=ttyS0' --mem 512M",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    what = run.add_mutually_exclusive_group(required=True)
+    what.add_argument("--kernel", metavar="PATH", help="PVH ELF kernel to boot")
+    what.add_argument("--image", metavar="NAME", help="built-in tiny guest (see 'kvmcolo images')")
+    run.add_argument("--cmdline", default="", metavar="S", help="kernel command line")
+    run.add_argument("--mem", default="256M", metavar="SIZE", help="guest RAM, e.g. 256M or 1G (default 256M)")
+    run.add_argument("--cpus", default=1, type=int, metavar="N", help="number of vCPUs (default 1)")
+    run.add_argument("--initrd", metavar="PATH", help="initrd / module handed to the kernel")
+    run.add_argument("--serial-log", metavar="FILE", help="write the guest console to FILE instead of stdout")
+    run.add_argument("guest_args", nargs="*", metavar="-- PARAM", help="words appended to the command line")
+
+    sub.add_parser("images", help="build the built-in tiny guests and list them",
+                   description="Build (if needed) and list the built-in tiny guests.")  # fmt: skip
+    return p
+
+
+def _cmd_images(args) -> int:
+    from kvmcolo import guest_images
+
+    folder = guest_images.build_dir()
+    for name in guest_images.image_names():
+        print(f"{name:10} {folder / (name + '.elf')}")
+    return 0
+
+
+def _cmd_run(args) -> int:
+    from kvmcolo import guest_images
+    from kvmcolo.machine import Machine, MachineConfig
+
+    if args.cpus < 1:
+        raise UserError(f"--cpus must be at least 1, got {args.cpus}")
+    mem = parse_size(args.mem)
+    kernel = str(guest_images.image_path(args.image)) if args.image else args.kernel
+    cmdline = " ".join([args.cmdline, *args.guest_args]).strip()
+    serial_out = None
+    if args.serial_log:
+        try:
+            serial_out = open(args.serial_log, "wb")
+        except OSError as e:
+            raise UserError(f"cannot write serial log {args.serial_log!r}: {e.strerror}")
+    config = MachineConfig(kernel=kernel, cmdline=cmdline, mem_size=mem, cpus=args.cpus,
+                           initrd=args.initrd, serial_output=serial_out, serial_input=True)  # fmt: skip
+    machine = Machine(config)
+    log.info("booting %s: %d MiB, %d vCPU%s, cmdline %r", kernel, mem >> 20, args.cpus,
+             "s" if args.cpus > 1 else "", cmdline)  # fmt: skip
+    try:
+        machine.start()
+        result = machine.wait()
+    except KeyboardInterrupt:
+        log.info("interrupted; stopping the guest")
+        return INTERRUPTED_STATUS
+    finally:
+        machine.close()
+        if serial_out is not None:
+            serial_out.close()
+    if result.failed:
+        log.error("%s", result.reason)
+    else:
+        log.info("%s", result.reason)
+    return result.status
+
+
+def _setup_logging(args) -> None:
+    level = logging.WARNING if args.quiet else (logging.INFO if args.verbose == 0 else logging.DEBUG)
+    logging.basicConfig(level=level, format="kvmcolo: %(message)s", stream=sys.stderr)
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    # SIGTERM ends the VMM like Ctrl-C: vCPUs stopped, fds closed, status 130+.
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        args = _build_parser().parse_args(argv)
+        _setup_logging(args)
+        if args.command == "run":
+            return _cmd_run(args)
+        if args.command == "images":
+            return _cmd_images(args)
+        _build_parser().print_help()
+        return USER_ERROR_STATUS
+    except UserError as e:
+        msg = str(e)
+        print(msg if msg.startswith("kvmcolo") else f"kvmcolo: {msg}", file=sys.stderr)
+        return USER_ERROR_STATUS
+
+
+if __name__ == "__main__":
+    sys.exit(main())
