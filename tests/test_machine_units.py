@@ -1,0 +1,190 @@
+"""Pure logic of the machine layer, without KVM: sizes, bus, UART, ACPI,
+CPUID table, PVH loading into real (mmap'ed) guest memory."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from elf_util import make_elf
+from kvmcolo import acpi, boot
+from kvmcolo.cli import parse_size
+from kvmcolo.devices.serial import Serial8250
+from kvmcolo.errors import UserError
+from kvmcolo.iobus import IoBus
+from kvmcolo.memory import MMIO_HOLE_END, MMIO_HOLE_START, GuestMemory, GuestMemoryError
+
+
+@pytest.mark.parametrize("text,value", [("256M", 256 << 20), ("1G", 1 << 30), ("512MiB", 512 << 20),
+                                        ("64k", 64 << 10), ("128", 128 << 20), ("2T", 2 << 40)])  # fmt: skip
+def test_parse_size(text, value):
+    assert parse_size(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "M", "1.5G", "-1M", "10X", "ten"])
+def test_parse_size_rejects(text):
+    with pytest.raises(UserError):
+        parse_size(text)
+
+
+class Recorder:
+    def __init__(self):
+        self.writes = []
+
+    def io_read(self, offset, size):
+        return 0x1000 + offset
+
+    def io_write(self, offset, size, value):
+        self.writes.append((offset, size, value))
+
+
+def test_iobus_dispatch_and_unclaimed():
+    bus = IoBus("port")
+    a, b = Recorder(), Recorder()
+    bus.register(0x3F8, 8, a)
+    bus.register(0x400, 4, b)
+    assert bus.read(0x3FD, 1) == 0x1005
+    bus.write(0x402, 2, 7)
+    assert b.writes == [(2, 2, 7)]
+    assert bus.read(0x3F0, 1) == 0xFF  # nothing there: all ones
+    assert bus.read(0x500, 4) == 0xFFFFFFFF
+    bus.write(0x500, 1, 1)  # dropped
+    with pytest.raises(ValueError, match="overlaps"):
+        bus.register(0x3FC, 8, Recorder())
+    with pytest.raises(ValueError, match="overlaps"):
+        bus.register(0x3F0, 9, Recorder())
+
+
+class Out:
+    def __init__(self):
+        self.data = bytearray()
+        self.flushes = 0
+
+    def write(self, b):
+        self.data += b
+
+    def flush(self):
+        self.flushes += 1
+
+
+def test_serial_output_and_line_flush():
+    out, irqs = Out(), []
+    uart = Serial8250(out, irqs.append)
+    for ch in b"hi\n":
+        uart.io_write(0, 1, ch)
+    assert out.data == b"hi\n" and out.flushes == 1
+    assert uart.io_read(5, 1) & 0x60 == 0x60  # transmitter always empty
+    assert irqs == []  # no interrupts enabled
+
+
+def test_serial_receive_interrupt():
+    out, irqs = Out(), []
+    uart = Serial8250(out, irqs.append)
+    uart.io_write(1, 1, 0x01)  # IER: received data available
+    uart.feed(b"ab")
+    assert irqs == [True]
+    assert uart.io_read(5, 1) & 1  # LSR.DR
+    assert uart.io_read(2, 1) & 0x0F == 0x04  # IIR: RDA
+    assert uart.io_read(0, 1) == ord("a")
+    assert uart.io_read(0, 1) == ord("b")
+    assert irqs == [True, False]
+    assert uart.io_read(2, 1) & 0x01  # no interrupt pending
+
+
+def test_serial_divisor_latch_does_not_transmit():
+    out = Out()
+    uart = Serial8250(out, lambda level: None)
+    uart.io_write(3, 1, 0x80)  # DLAB
+    uart.io_write(0, 1, 0x0C)
+    uart.io_write(1, 1, 0x00)
+    assert uart.io_read(0, 1) == 0x0C
+    uart.io_write(3, 1, 0x03)
+    assert out.data == b""
+
+
+def test_acpi_tables_checksums_and_cpus():
+    blob, rsdp = acpi.build_tables(0x4000, 3)
+    r = blob[0:36]
+    assert r[:8] == b"RSD PTR "
+    assert sum(r[:20]) % 256 == 0 and sum(r) % 256 == 0
+    xsdt_at = struct.unpack_from("<Q", r, 24)[0] - 0x4000
+    xlen = struct.unpack_from("<I", blob, xsdt_at + 4)[0]
+    assert blob[xsdt_at : xsdt_at + 4] == b"XSDT" and sum(blob[xsdt_at : xsdt_at + xlen]) % 256 == 0
+    madt_at = struct.unpack_from("<Q", blob, xsdt_at + 36)[0] - 0x4000
+    mlen = struct.unpack_from("<I", blob, madt_at + 4)[0]
+    madt = blob[madt_at : madt_at + mlen]
+    assert madt[:4] == b"APIC" and sum(madt) % 256 == 0
+    entries, at = [], 44
+    while at < mlen:
+        entries.append((madt[at], madt[at + 3] if madt[at] == 0 else None))
+        at += madt[at + 1]
+    assert entries == [(0, 0), (0, 1), (0, 2), (1, None)]
+
+
+def test_guest_memory_layout_and_vmm_dirty_tracking():
+    mem = GuestMemory(MMIO_HOLE_START + (8 << 20))  # spills over the hole
+    try:
+        assert mem.e820_ram() == [(0, MMIO_HOLE_START), (MMIO_HOLE_END, 8 << 20)]
+        mem.write(0x1FFE, b"abcd")  # straddles pages 1 and 2
+        mem.write(MMIO_HOLE_END + 5, b"x")
+        assert mem.read(0x1FFE, 4) == b"abcd"
+        low, high = mem.take_vmm_dirty()
+        assert [i for i, d in enumerate(low) if d] == [1, 2]
+        assert [i for i, d in enumerate(high) if d] == [0]
+        assert not any(mem.take_vmm_dirty()[0])  # taken means cleared
+        with pytest.raises(GuestMemoryError):
+            mem.read(MMIO_HOLE_START - 2, 4)  # runs into the hole
+        view = mem.writable_view(0x5000, 10)
+        view[:] = b"0123456789"
+        assert mem.read(0x5000, 10) == b"0123456789"
+        assert mem.take_vmm_dirty()[0][5] == 1
+    finally:
+        mem.close()
+
+
+def test_pvh_load_places_segments_and_start_info(tmp_path):
+    code = bytes(range(200))
+    path = tmp_path / "k.elf"
+    path.write_bytes(make_elf([(0x100000, code, 0x3000)], pvh_entry=0x100010))
+    image = boot.read_pvh_image(str(path))
+    assert image.entry == 0x100010
+    mem = GuestMemory(64 << 20)
+    try:
+        mem.write(0x100000 + 0x2000, b"\xff" * 16)  # stale bytes in .bss must be zeroed
+        at = boot.load_pvh(mem, image, "pages=12 hello", ncpus=2)
+        magic, version, _, nmods, _, cmdline, rsdp, memmap, nmap, _ = struct.unpack("<IIIIQQQQII", mem.read(at, 56))
+        assert (magic, version, nmods) == (0x336EC578, 1, 0)
+        assert mem.read(cmdline, 15) == b"pages=12 hello\0"
+        assert mem.read(rsdp, 8) == b"RSD PTR "
+        entries = [struct.unpack("<QQII", mem.read(memmap + 24 * i, 24))[:3] for i in range(nmap)]
+        assert entries == [(0, 0xA0000, 1), (0xA0000, 0x60000, 2), (0x100000, (64 << 20) - 0x100000, 1)]
+        assert mem.read(0x100000, 200) == code
+        assert mem.read(0x100000 + 200, 0x3000 - 200) == bytes(0x3000 - 200)
+    finally:
+        mem.close()
+
+
+def test_pvh_load_refuses_segment_over_boot_data(tmp_path):
+    path = tmp_path / "k.elf"
+    path.write_bytes(make_elf([(0x2000, b"x", 1)], pvh_entry=0x2000))
+    mem = GuestMemory(16 << 20)
+    try:
+        with pytest.raises(UserError, match="boot data"):
+            boot.load_pvh(mem, boot.read_pvh_image(str(path)), "", 1)
+    finally:
+        mem.close()
+
+
+def test_pvh_modules_are_listed(tmp_path):
+    path = tmp_path / "k.elf"
+    path.write_bytes(make_elf([(0x100000, b"x", 1)], pvh_entry=0x100000))
+    mem = GuestMemory(16 << 20)
+    try:
+        at = boot.load_pvh(mem, boot.read_pvh_image(str(path)), "", 1, [("initrd", b"INITRD" * 1000, "rd")])
+        _, _, _, nmods, modlist, *_ = struct.unpack("<IIIIQQQQII", mem.read(at, 56))
+        paddr, size, cmd, _ = struct.unpack("<QQQQ", mem.read(modlist, 32))
+        assert nmods == 1 and size == 6000 and paddr % 4096 == 0
+        assert mem.read(paddr, 6) == b"INITRD" and mem.read(cmd, 3) == b"rd\0"
+    finally:
+        mem.close()
