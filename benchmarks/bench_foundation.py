@@ -14,39 +14,15 @@ import re
 import statistics
 import subprocess
 import sys
-import threading
 import time
 
 from kvmcolo import guest_images
+from kvmcolo.console_buffer import ConsoleBuffer
 from kvmcolo.machine import Machine, MachineConfig
 
 
-class Sink:
-    def __init__(self):
-        self.data = bytearray()
-        self.cond = threading.Condition()
-
-    def write(self, b):
-        with self.cond:
-            self.data += b
-            self.cond.notify_all()
-
-    def flush(self):
-        pass
-
-    def wait_for(self, pattern: str, timeout: float = 120.0) -> re.Match:
-        rx = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        with self.cond:
-            while not (m := rx.search(self.data.decode(errors="replace"))):
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{pattern!r} not seen; console: {self.data[-500:]!r}")
-                self.cond.wait(0.5)
-            return m
-
-
-def machine(image: str, args: str, cpus: int = 1) -> tuple[Machine, Sink]:
-    sink = Sink()
+def machine(image: str, args: str, cpus: int = 1) -> tuple[Machine, ConsoleBuffer]:
+    sink = ConsoleBuffer()
     m = Machine(MachineConfig(kernel=str(guest_images.image_path(image)), cmdline=args, cpus=cpus, serial_output=sink))
     return m, sink
 

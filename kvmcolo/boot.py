@@ -134,8 +134,10 @@ def load_pvh(
                 f"kernel {image.path!r} does not fit in {ram_mib} MiB of RAM "
                 f"(segment {s.paddr:#x}-{end:#x}); give it more with --mem"
             )
-        if _overlaps(s.paddr, end, *BOOT_DATA) or _overlaps(s.paddr, end, LOW_RAM_END, HIGH_RAM_START):
+        if _overlaps(s.paddr, end, *BOOT_DATA):
             raise UserError(f"kernel {image.path!r} has a segment at {s.paddr:#x}-{end:#x}, where the VMM keeps boot data")
+        if _overlaps(s.paddr, end, LOW_RAM_END, HIGH_RAM_START):
+            raise UserError(f"kernel {image.path!r} has a segment at {s.paddr:#x}-{end:#x}, in the 640 KiB-1 MiB hole that is not RAM")
     raw_cmdline = cmdline.encode()
     if len(raw_cmdline) >= CMDLINE_MAX or b"\0" in raw_cmdline:
         raise UserError(f"command line must be under {CMDLINE_MAX} bytes with no NUL")

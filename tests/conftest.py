@@ -9,14 +9,13 @@ place that decides.
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
+
+from kvmcolo.console_buffer import ConsoleBuffer
 
 REPO = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -47,46 +46,7 @@ def images(kvm_device) -> Path:
     return guest_images.build_dir()
 
 
-class ConsoleSink:
-    """A binary stream for the guest's serial output that tests can wait on."""
-
-    def __init__(self, echo: bool = False):
-        self._buf = bytearray()
-        self._cond = threading.Condition()
-        self._echo = echo
-
-    def write(self, data: bytes) -> int:
-        with self._cond:
-            self._buf += data
-            self._cond.notify_all()
-        if self._echo:
-            sys.stderr.buffer.write(data)
-        return len(data)
-
-    def flush(self) -> None:
-        pass
-
-    @property
-    def text(self) -> str:
-        with self._cond:
-            return self._buf.decode(errors="replace")
-
-    def lines(self) -> list[str]:
-        return self.text.splitlines()
-
-    def wait_for(self, pattern: str, timeout: float = 30.0, start: int = 0) -> re.Match:
-        """Wait until `pattern` (a regex) appears at or after character `start`."""
-        rx = re.compile(pattern, re.MULTILINE)
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                m = rx.search(self._buf.decode(errors="replace"), start)
-                if m:
-                    return m
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise AssertionError(f"timed out waiting for {pattern!r}; console so far:\n{self.text[-3000:]}")
-                self._cond.wait(min(left, 0.5))
+ConsoleSink = ConsoleBuffer  # the tests' name for it
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import subprocess
 
 import pytest
 
@@ -125,3 +126,40 @@ def test_pause_resume_1000_cycles(images, cpus):
         assert "FAIL" not in sink.text
     finally:
         m.close()
+
+
+def test_i8042_reset_ends_the_vmm_cleanly(images):
+    proc = kvmcolo_cmd("run", "--image", "hello", "--", "status=7", "reset=1", timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "hello: resetting through the i8042" in proc.stdout
+    assert "guest requested a reset through the i8042" in proc.stderr
+
+
+TRIPLE_FAULT_GUEST = r"""
+    .code32
+    .text
+    .globl _start
+_start:
+    lidt empty_idt        /* no IDT at all: the next exception cannot be delivered */
+    ud2                   /* #UD -> #DF -> triple fault -> KVM_EXIT_SHUTDOWN */
+empty_idt:
+    .word 0
+    .long 0
+    .section .note.Xen, "a"
+    .p2align 2
+    .long 4, 4, 18
+    .asciz "Xen"
+    .long _start
+"""
+
+
+def test_triple_fault_is_reported_and_ends_the_vmm(kvm_device, tmp_path):
+    src = tmp_path / "tf.S"
+    src.write_text(TRIPLE_FAULT_GUEST)
+    obj, elf = tmp_path / "tf.o", tmp_path / "tf.elf"
+    subprocess.run(["gcc", "-m32", "-c", "-o", str(obj), str(src)], check=True)
+    subprocess.run(["ld", "-m", "elf_i386", "-N", "-Ttext=0x100000", "-o", str(elf), str(obj)], check=True)
+    proc = kvmcolo_cmd("run", "--kernel", str(elf), timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "guest shut down (triple fault or reset)" in proc.stderr
+    assert re.search(r"rip=0000000000100", proc.stderr), proc.stderr  # the register dump
