@@ -135,16 +135,7 @@ def test_i8042_reset_ends_the_vmm_cleanly(images):
     assert "guest requested a reset through the i8042" in proc.stderr
 
 
-TRIPLE_FAULT_GUEST = r"""
-    .code32
-    .text
-    .globl _start
-_start:
-    lidt empty_idt        /* no IDT at all: the next exception cannot be delivered */
-    ud2                   /* #UD -> #DF -> triple fault -> KVM_EXIT_SHUTDOWN */
-empty_idt:
-    .word 0
-    .long 0
+PVH_NOTE = """
     .section .note.Xen, "a"
     .p2align 2
     .long 4, 4, 18
@@ -153,13 +144,39 @@ empty_idt:
 """
 
 
-def test_triple_fault_is_reported_and_ends_the_vmm(kvm_device, tmp_path):
-    src = tmp_path / "tf.S"
-    src.write_text(TRIPLE_FAULT_GUEST)
-    obj, elf = tmp_path / "tf.o", tmp_path / "tf.elf"
+def build_asm_guest(tmp_path, name: str, code: str) -> str:
+    """A 32-bit PVH guest of a few instructions, assembled with gcc/ld."""
+    src, obj, elf = tmp_path / f"{name}.S", tmp_path / f"{name}.o", tmp_path / f"{name}.elf"
+    src.write_text("    .code32\n    .text\n    .globl _start\n_start:\n" + code + PVH_NOTE)
     subprocess.run(["gcc", "-m32", "-c", "-o", str(obj), str(src)], check=True)
-    subprocess.run(["ld", "-m", "elf_i386", "-N", "-Ttext=0x100000", "-o", str(elf), str(obj)], check=True)
-    proc = kvmcolo_cmd("run", "--kernel", str(elf), timeout=60)
+    subprocess.run(["ld", "-m", "elf_i386", "-N", "-Ttext=0x100000", "-o", str(elf), str(obj)],
+                   check=True, capture_output=True)  # fmt: skip
+    return str(elf)
+
+
+def test_triple_fault_is_reported_and_ends_the_vmm(kvm_device, tmp_path):
+    elf = build_asm_guest(tmp_path, "triple", """
+    lidt empty_idt        /* no IDT at all: the next exception cannot be delivered */
+    ud2                   /* #UD -> #DF -> triple fault -> KVM_EXIT_SHUTDOWN */
+empty_idt:
+    .word 0
+    .long 0
+""")
+    proc = kvmcolo_cmd("run", "--kernel", elf, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "guest shut down (triple fault or reset)" in proc.stderr
     assert re.search(r"rip=0000000000100", proc.stderr), proc.stderr  # the register dump
+
+
+def test_unexpected_exit_stops_the_vm_with_reason_and_registers(kvm_device, tmp_path):
+    # Executing from an address with no memory behind it (the MMIO hole)
+    # cannot be emulated: KVM exits with an internal error.
+    elf = build_asm_guest(tmp_path, "mmiojump", """
+    mov $0xd0000000, %eax
+    jmp *%eax
+""")
+    proc = kvmcolo_cmd("run", "--kernel", elf, timeout=60)
+    assert proc.returncode == 1, proc.stderr
+    assert "vcpu 0: KVM_EXIT_INTERNAL_ERROR" in proc.stderr
+    assert "rip=00000000d0000000" in proc.stderr
+    assert "Traceback" not in proc.stderr
