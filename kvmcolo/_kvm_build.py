@@ -146,6 +146,7 @@ ffibuilder.cdef(
     long kvmcolo_ioctl_int(int fd, unsigned long request, unsigned long arg);
     int kvmcolo_install_kick_handler(void);
     void *kvmcolo_map_anonymous(size_t size);
+    int kvmcolo_tap_attach(int fd, const char *name, int vnet_hdr);
     int kvmcolo_unmap(void *addr, size_t size);
     """
     + "".join(f"#define {name} ...\n" for name in IOCTLS + CONSTANTS + EXIT_REASONS)
@@ -161,6 +162,8 @@ ffibuilder.set_source(
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <linux/kvm.h>
+#include <net/if.h>
+#include <linux/if_tun.h>
 
 typedef __typeof__(((struct kvm_run *)0)->io) kvm_exit_io_t;
 typedef __typeof__(((struct kvm_run *)0)->mmio) kvm_exit_mmio_t;
@@ -209,6 +212,20 @@ void *kvmcolo_map_anonymous(size_t size)
     void *p = mmap(NULL, size, PROT_READ | PROT_WRITE,
                    MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     return p == MAP_FAILED ? NULL : p;
+}
+
+/* Attach an open /dev/net/tun fd to the tap interface `name` (created if it
+   does not exist yet): TUNSETIFF with IFF_TAP | IFF_NO_PI.  struct ifreq's
+   unions are filled here, by the compiler, rather than laid out in Python. */
+int kvmcolo_tap_attach(int fd, const char *name, int vnet_hdr)
+{
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof ifr);
+    strncpy(ifr.ifr_name, name, IFNAMSIZ - 1);
+    ifr.ifr_flags = IFF_TAP | IFF_NO_PI | (vnet_hdr ? IFF_VNET_HDR : 0);
+    if (ioctl(fd, TUNSETIFF, &ifr) < 0)
+        return -errno;
+    return 0;
 }
 
 int kvmcolo_unmap(void *addr, size_t size)

@@ -22,7 +22,12 @@ from kvmcolo.devices.debug_exit import DEBUG_EXIT_PORT, DebugExit
 from kvmcolo.devices.i8042 import I8042, I8042_COMMAND_PORT, I8042_DATA_PORT
 from kvmcolo.devices.post_code import POST_CODE_PORT, PostCode
 from kvmcolo.devices.serial import COM1_IRQ, COM1_PORT, Serial8250
+from kvmcolo.devices.tap import TapBackend
+from kvmcolo.devices.virtio_blk import BlockImage, VirtioBlock
+from kvmcolo.devices.virtio_mmio import MMIO_WINDOW, VirtioMmio
+from kvmcolo.devices.virtio_net import DEFAULT_MAC, VirtioNet, parse_mac
 from kvmcolo.errors import UserError
+from kvmcolo.event_loop import EventLoop
 from kvmcolo.kvm_ffi import Kvm
 from kvmcolo.vm import Vm, VmExit
 
@@ -30,6 +35,24 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MEM = 256 << 20
 MIN_MEM = 2 << 20
+
+# virtio-mmio devices: one 4 KiB-spaced window each in the MMIO hole, and one
+# GSI each (ISA-range lines the PC leaves free; 4 is COM1, 8 the RTC).
+VIRTIO_MMIO_BASE = 0xD000_0000
+VIRTIO_MMIO_STRIDE = 0x1000
+VIRTIO_GSIS = [5, 6, 7, 9, 10, 11, 12, 14, 15] + list(range(16, 24))
+
+
+@dataclass
+class DiskSpec:
+    path: str
+    readonly: bool = False
+
+
+@dataclass
+class NetSpec:
+    tap: str | None = None  # None: create a tap named kvmcoloN
+    mac: str = DEFAULT_MAC
 
 
 @dataclass
@@ -41,7 +64,9 @@ class MachineConfig:
     initrd: str | None = None
     serial_output: BinaryIO | None = None  # default: this process's stdout
     serial_input: bool = False  # feed stdin to the UART (interactive use)
-    extra: dict = field(default_factory=dict)
+    disks: list[DiskSpec] = field(default_factory=list)
+    nets: list[NetSpec] = field(default_factory=list)
+    ioeventfd: bool = True  # queue notifications in the kernel (False: an MMIO exit each)
 
 
 class Machine:
@@ -58,14 +83,21 @@ class Machine:
             except OSError as e:
                 raise UserError(f"cannot read initrd {config.initrd!r}: {e.strerror}")
 
+        if len(config.disks) + len(config.nets) > len(VIRTIO_GSIS):
+            raise UserError(f"at most {len(VIRTIO_GSIS)} disks and network devices in all")
         self._owns_kvm = kvm is None
         self.kvm = kvm or Kvm()
         self.vm = Vm(self.kvm, config.mem_size, config.cpus)
+        self.loop = EventLoop()
+        self.virtio: list[VirtioMmio] = []
+        self._closables: list = []
         try:
             self._add_devices()
-            start_info = boot.load_pvh(self.vm.memory, image, config.cmdline, config.cpus, modules)
+            cmdline = " ".join([config.cmdline, *self._add_virtio_devices()]).strip()
+            start_info = boot.load_pvh(self.vm.memory, image, cmdline, config.cpus, modules)
             self._setup_vcpus(image.entry, start_info)
         except BaseException:
+            self._close_devices()
             self.vm.close()
             raise
         self._stdin_thread: threading.Thread | None = None
@@ -84,6 +116,42 @@ class Machine:
         bus.register(I8042_DATA_PORT, I8042_COMMAND_PORT - I8042_DATA_PORT + 1, self.i8042)
         bus.register(POST_CODE_PORT, 1, self.post_code)
 
+    def _add_virtio_devices(self) -> list[str]:
+        """Disks, then network devices.  Returns the command-line words that
+        announce them (virtio_mmio.device=<size>@<base>:<gsi>, as Linux reads)."""
+        words = []
+        devices = []
+        for spec in self.config.disks:
+            image = BlockImage(spec.path, spec.readonly)
+            self._closables.append(image)
+            devices.append((f"virtio-blk {spec.path}", VirtioBlock(image)))
+        for spec in self.config.nets:
+            mac = parse_mac(spec.mac)
+            tap = TapBackend(spec.tap)
+            self._closables.append(tap)
+            devices.append((f"virtio-net {tap.name}", VirtioNet(tap, mac, self.loop)))
+        for i, (name, device) in enumerate(devices):
+            base = VIRTIO_MMIO_BASE + i * VIRTIO_MMIO_STRIDE
+            gsi = VIRTIO_GSIS[i]
+            transport = VirtioMmio(name, device, self.vm.memory,
+                                   lambda level, gsi=gsi: self.vm.set_irq_line(gsi, level))  # fmt: skip
+            self.vm.mmio_bus.register(base, MMIO_WINDOW, transport)
+            if self.config.ioeventfd:
+                for q in range(len(device.queue_sizes)):
+                    efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+                    self._closables.append(_Fd(efd))
+                    self.vm.add_ioeventfd(base + transport.notify_offset(), 4, q, efd)
+                    self.loop.add_reader(efd, lambda efd=efd, q=q, t=transport: _drain_and_notify(efd, t, q))
+            self.virtio.append(transport)
+            words.append(f"virtio_mmio.device={MMIO_WINDOW}@{base:#x}:{gsi}")
+        return words
+
+    def _close_devices(self) -> None:
+        self.loop.stop()
+        for c in reversed(self._closables):
+            c.close()
+        self._closables = []
+
     def _setup_vcpus(self, entry: int, start_info: int) -> None:
         vcpus = self.vm.vcpus
         self.tsc_khz = vcpus[0].tsc_khz()
@@ -95,6 +163,7 @@ class Machine:
     # ---- running ---------------------------------------------------------
 
     def start(self) -> None:
+        self.loop.start()
         self.vm.start()
         if self.config.serial_input and os.isatty(0):
             self._stdin_thread = threading.Thread(target=self._pump_stdin, name="serial-stdin", daemon=True)
@@ -119,14 +188,19 @@ class Machine:
         return self.wait(timeout)
 
     def pause(self) -> None:
+        """Stop the guest: every vCPU parked, then the I/O thread held between
+        requests, so no device has a request half done."""
         self.vm.pause()
+        self.loop.pause()
 
     def resume(self) -> None:
+        self.loop.resume()
         self.vm.resume()
 
     def close(self) -> None:
         self.serial.flush()
         self.vm.close()
+        self._close_devices()
         if self._owns_kvm:
             self.kvm.close()
 
@@ -135,3 +209,19 @@ class Machine:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class _Fd:
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def _drain_and_notify(efd: int, transport: VirtioMmio, queue: int) -> None:
+    try:
+        os.eventfd_read(efd)
+    except BlockingIOError:
+        return
+    transport.notify(queue)

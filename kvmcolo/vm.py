@@ -75,6 +75,14 @@ class Vm:
             self._irq_level.level = 1 if level else 0
             ioctl(self.fd, lib.KVM_IRQ_LINE, self._irq_level, what=f"irq {irq}")
 
+    def add_ioeventfd(self, addr: int, length: int, datamatch: int, fd: int) -> None:
+        """Have KVM signal `fd` for a guest MMIO write of `datamatch` at `addr`,
+        in the kernel, without a userspace exit."""
+        req = ffi.new("struct kvm_ioeventfd *")
+        req.addr, req.len, req.fd = addr, length, fd
+        req.datamatch, req.flags = datamatch, lib.KVM_IOEVENTFD_FLAG_DATAMATCH
+        ioctl(self.fd, lib.KVM_IOEVENTFD, req, what=f"{addr:#x}={datamatch}")
+
     # ---- life cycle --------------------------------------------------------
 
     def start(self) -> None:

@@ -188,8 +188,18 @@ int3_entry:
         cmpl    $SYS_APIC_WRITE, %eax
         je      2f
         testl   %eax, %eax              /* SYS_WAIT_IRQ */
-        jnz     1f
-        sti                             /* sti shadow: hlt runs before any IRQ */
+        jz      3f
+        /*
+         * SYS_WAIT_CHANGE: sleep only if *%rdi == %rsi.  The compare runs
+         * with IF=0 (interrupt gate), so an interrupt that bumped the
+         * counter after CPL3 read it is either already counted (no sleep)
+         * or still pending and ends the hlt: no lost wake-up.
+         */
+        cmpl    $SYS_WAIT_CHANGE, %eax
+        jne     1f
+        cmpq    %rsi, (%rdi)
+        jne     1f
+3:      sti                             /* sti shadow: hlt runs before any IRQ */
         hlt
         cli
 1:      iretq
@@ -217,6 +227,22 @@ timer_isr:
         iretq
 
 /*
+ * Device interrupts (vectors DEV_VECTOR_BASE..+DEV_VECTORS, edge-triggered
+ * from the IOAPIC).  The stub pushed %rax and loaded the vector into %eax.
+ * Count per vector and in total, EOI, return: 7 instructions.  CPL3 does
+ * the real work: it compares the counts with what it saw last (reads and
+ * acknowledges the device's InterruptStatus only when its count moved) and
+ * sleeps with SYS_WAIT_CHANGE on dev_irq_total.
+ */
+dev_isr:
+        incq    dev_irq_count - DEV_VECTOR_BASE * 8(, %rax, 8)
+        incq    dev_irq_total(%rip)
+        movl    $(LAPIC_BASE + LAPIC_EOI), %eax
+        movl    $0, (%rax)
+        popq    %rax
+        iretq
+
+/*
  * 256 entry stubs, 16 bytes each, in their own 4 KiB-aligned section so the
  * static IDT can use __isr_lo + 16 * vector (no carry into the middle 16 bits).
  */
@@ -233,6 +259,10 @@ isr_stubs:
         jmp     timer_isr
         .elseif vec == SPURIOUS_VECTOR
         iretq                           /* spurious: no EOI */
+        .elseif (vec >= DEV_VECTOR_BASE) && (vec < DEV_VECTOR_BASE + DEV_VECTORS)
+        pushq   %rax
+        movl    $vec, %eax
+        jmp     dev_isr
         .else
         .if (vec == 8) || ((vec >= 10) && (vec <= 14)) || (vec == 17) || (vec == 21) || (vec == 29) || (vec == 30)
         /* the CPU pushed an error code */
@@ -394,6 +424,15 @@ pd:
         .quad   addr | 0x9f             /* P RW US PWT PCD PS */
         .set    addr, addr + 0x200000
         .endr
+
+/* Device interrupt counts (cleared with .bss at CPL3 before any routing). */
+        .section .bss
+        .balign 64
+        .globl  dev_irq_count, dev_irq_total
+dev_irq_count:
+        .skip   DEV_VECTORS * 8
+dev_irq_total:
+        .skip   8
 
 /* Stacks: not file-backed, not cleared (struct kcpu is cleared at CPL3). */
         .section .stacks, "aw", @nobits

@@ -93,6 +93,49 @@ static inline u64 syscall2(u64 nr, u64 a0, u64 a1)
 static inline void wait_irq(void) { syscall2(SYS_WAIT_IRQ, 0, 0); }
 static inline void apic_write(u32 reg, u32 val) { syscall2(SYS_APIC_WRITE, reg, val); }
 
+/*
+ * ---- device interrupts ----
+ * boot.S counts every device vector (DEV_VECTOR_BASE + GSI) and all of them
+ * together; the counters live in RAM, so CPL3 reads them for free.
+ */
+extern volatile u64 dev_irq_count[DEV_VECTORS], dev_irq_total;
+static inline u64 irq_total(void) { return dev_irq_total; }
+static inline u64 irq_count(u32 gsi) { return gsi < DEV_VECTORS ? dev_irq_count[gsi] : 0; }
+/*
+ * Race-free sleep: take seen = irq_total(), look for work, and if there is
+ * none call wait_irq_since(seen).  It returns at once if a device interrupt
+ * arrived in between, else after the next interrupt of any kind (timer too).
+ */
+static inline void wait_irq_since(u64 seen)
+{
+        syscall2(SYS_WAIT_CHANGE, (u64)&dev_irq_total, seen);
+}
+/* IOAPICs from the ACPI MADT (default: one at 0xFEC00000, GSI base 0). */
+int ioapic_count(void);
+u64 ioapic_base(int i);
+u32 ioapic_gsi_base(int i);
+/*
+ * Routes gsi to vector DEV_VECTOR_BASE + gsi on the BSP: edge-triggered,
+ * active high, fixed delivery, physical destination.  CPL3 programs the
+ * IOAPIC directly (its MMIO is mapped with the U bit).  Returns the vector,
+ * or -1 if no IOAPIC has that pin or gsi >= DEV_VECTORS.
+ */
+int ioapic_route(u32 gsi);
+
+/* ---- free RAM allocator ----
+ * Bump allocator over [free_ram_start, free_ram_end), 4 KiB-aligned,
+ * zeroed, never freed (device rings and buffers live as long as the guest).
+ * Do not mix with workloads that use free_ram_start() directly.  Panics
+ * when RAM runs out.
+ */
+void *ram_alloc(u64 bytes);
+
+/* ---- randomness ----
+ * RDRAND (at CPL3 it runs natively under PVM); falls back to mixing RDTSC
+ * when the CPU lacks it or it keeps failing.  Not for cryptography.
+ */
+u64 random_u64(void);
+
 /* ---- port I/O: allowed at CPL3 by the TSS I/O bitmap ---- */
 static inline void outb(u16 port, u8 v)
 {

@@ -38,11 +38,22 @@
 /* Interrupt vectors. */
 #define TIMER_VECTOR    0x20
 #define SPURIOUS_VECTOR 0xff
+/*
+ * Device interrupts: GSI n is routed (by ioapic_route) to vector
+ * DEV_VECTOR_BASE + n.  48 GSIs cover the VMM's single 24-pin IOAPIC and
+ * QEMU microvm's second IOAPIC (GSIs 24..47).  Their CPL0 stub only counts
+ * and EOIs; CPL3 looks at the counts (see dev_isr in boot.S).
+ */
+#define DEV_VECTOR_BASE 0x30
+#define DEV_VECTORS     48
 
 /* "System calls": int3 from CPL3 with the number in %rax (see boot.S). */
 #define SYS_WAIT_IRQ    0       /* sti; hlt; cli: sleep until an interrupt */
 #define SYS_APIC_WRITE  1       /* write LAPIC register %rdi (offset) := %esi */
 #define SYS_NOP         2       /* any other number: plain round trip */
+#define SYS_WAIT_CHANGE 3       /* sleep like SYS_WAIT_IRQ, but only if the u64
+                                   at %rdi still equals %rsi (checked with
+                                   interrupts off: no lost wake-up) */
 
 /* xAPIC MMIO. */
 #define LAPIC_BASE      0xfee00000

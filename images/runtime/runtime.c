@@ -40,7 +40,11 @@ static int cpu_count = 1;
 static u32 cpu_apic[MAX_CPUS];
 static volatile u32 cpu_online[MAX_CPUS];
 static void (*volatile ap_fn)(int cpu);
-static u64 tsc_khz_val, bus_khz_val, mem_bytes, free_start, free_end;
+static u64 tsc_khz_val, bus_khz_val, mem_bytes, free_start, free_end, free_next;
+#define MAX_IOAPICS 4
+static int ioapic_n;
+static u64 ioapic_addr[MAX_IOAPICS];
+static u32 ioapic_gsi[MAX_IOAPICS];
 
 /* ---- exit ---- */
 
@@ -223,6 +227,52 @@ u64 mem_mib(void) { return (mem_bytes + (1 << 20) - 1) >> 20; }
 u64 free_ram_start(void) { return free_start; }
 u64 free_ram_end(void) { return free_end; }
 
+void *ram_alloc(u64 bytes)
+{
+        if (!free_next)
+                free_next = free_start;
+        bytes = (bytes + 4095) & ~4095ull;
+        if (!free_next || bytes > free_end - free_next)
+                panic("out of free RAM (%llu bytes wanted)", bytes);
+        void *p = (void *)free_next;
+        free_next += bytes;
+        memset(p, 0, bytes);
+        return p;
+}
+
+int ioapic_count(void) { return ioapic_n; }
+u64 ioapic_base(int i) { return ioapic_addr[i]; }
+u32 ioapic_gsi_base(int i) { return ioapic_gsi[i]; }
+
+static int rdrand64(u64 *v)
+{
+        unsigned char ok;
+        __asm__ volatile("rdrand %0; setc %1" : "=r"(*v), "=qm"(ok));
+        return ok;
+}
+
+u64 random_u64(void)
+{
+        static int have = -1;
+        if (have < 0) {
+                /* CPUID at CPL3 shows the host's features, which is what runs here. */
+                u32 a = 1, b, c, d;
+                __asm__ volatile("cpuid" : "+a"(a), "=b"(b), "=c"(c), "=d"(d));
+                have = (c >> 30) & 1;
+        }
+        u64 v;
+        for (int i = 0; have && i < 10; i++)
+                if (rdrand64(&v))
+                        return v;
+        /* Fallback: the TSC's low bits differ between two runs of one guest. */
+        static u64 state;
+        state += rdtsc() * 0x9e3779b97f4a7c15ull + 0x632be59bd9b4e019ull;
+        v = state;
+        v = (v ^ (v >> 30)) * 0xbf58476d1ce4e5b9ull;
+        v = (v ^ (v >> 27)) * 0x94d049bb133111ebull;
+        return v ^ (v >> 31);
+}
+
 int this_cpu(void)
 {
         u64 sp;
@@ -349,6 +399,8 @@ static void parse_madt(const struct hvm_start_info *si)
         const struct sdt *madt = r ? find_table(r, "APIC") : 0;
         if (!madt) {
                 puts("guest: no ACPI MADT found, assuming 1 cpu");
+                ioapic_addr[0] = 0xfec00000;    /* the PC's standard IOAPIC */
+                ioapic_n = 1;
                 return;
         }
         const u8 *p = (const u8 *)madt + sizeof(struct sdt) + 8;
@@ -356,6 +408,16 @@ static void parse_madt(const struct hvm_start_info *si)
         int dropped = 0;
         for (; p + 2 <= end && p[1] >= 2; p += p[1]) {
                 u32 id, flags;
+                if (p[0] == 1 && p[1] >= 12) {          /* I/O APIC */
+                        if (ioapic_n < MAX_IOAPICS) {
+                                u32 a;
+                                memcpy(&a, p + 4, 4);
+                                ioapic_addr[ioapic_n] = a;
+                                memcpy(&ioapic_gsi[ioapic_n], p + 8, 4);
+                                ioapic_n++;
+                        }
+                        continue;
+                }
                 if (p[0] == 0 && p[1] >= 8) {           /* Processor Local APIC */
                         id = p[3];
                         memcpy(&flags, p + 4, 4);
@@ -377,6 +439,10 @@ static void parse_madt(const struct hvm_start_info *si)
         }
         if (dropped)
                 printf("guest: %d cpus beyond MAX_CPUS=%d ignored\n", dropped, MAX_CPUS);
+        if (!ioapic_n) {
+                ioapic_addr[0] = 0xfec00000;
+                ioapic_n = 1;
+        }
 }
 
 /* ---- SMP ---- */
