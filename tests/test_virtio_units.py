@@ -311,3 +311,19 @@ def test_net_receive_waits_for_buffers(net):
     assert d.mem.read(bufs[0], 12) == bytes(10) + b"\x01\x00"
     assert d.mem.read(bufs[0] + 12, 100) == b"\xaa" * 100
     assert d.mem.read(bufs[1] + 12, 200) == b"\xbb" * 200
+
+
+def test_net_received_frames_are_recorded_as_vmm_dirty(net):
+    import time
+
+    d, t, dev, peer, _ = net
+    buf = 0x400000
+    d.mem.take_vmm_dirty()
+    d.submit(0, [(buf, 1526, True)])
+    peer.send(b"\xcc" * 64)
+    deadline = time.time() + 2
+    while not d.used(0) and time.time() < deadline:
+        time.sleep(0.01)
+    dirty = [i for i, v in enumerate(d.mem.take_vmm_dirty()[0]) if v]
+    assert 0x400 in dirty  # the frame's page
+    assert d.queues[0]["used"] >> 12 in dirty  # and the used ring

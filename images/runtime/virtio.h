@@ -166,7 +166,7 @@ struct vbuf {
 /*
  * Adds one chain: n_out device-readable buffers then n_in device-writable
  * ones, and publishes it in the avail ring (no notify).  Returns the head
- * index, or -1 if not enough free descriptors.
+ * index, or -1 if not enough free descriptors.  token must not be NULL.
  */
 int virtq_add(struct virtq *q, const struct vbuf *b, int n_out, int n_in, void *token);
 /* Writes QueueNotify if chains were added since the last kick (~3 us: ioeventfd). */
