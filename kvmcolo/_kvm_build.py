@@ -148,6 +148,10 @@ ffibuilder.cdef(
     void *kvmcolo_map_anonymous(size_t size);
     int kvmcolo_tap_attach(int fd, const char *name, int vnet_hdr);
     int kvmcolo_unmap(void *addr, size_t size);
+    size_t kvmcolo_bitmap_pages(const uint64_t *bitmap, size_t nwords, uint32_t *out);
+    void kvmcolo_bitmap_or(uint64_t *dst, const uint64_t *src, size_t nwords);
+    void kvmcolo_gather_pages(const uint8_t *base, const uint32_t *pages, size_t n, uint8_t *dst);
+    void kvmcolo_scatter_pages(uint8_t *base, const uint32_t *pages, size_t n, const uint8_t *src);
     """
     + "".join(f"#define {name} ...\n" for name in IOCTLS + CONSTANTS + EXIT_REASONS)
 )
@@ -231,6 +235,44 @@ int kvmcolo_tap_attach(int fd, const char *name, int vnet_hdr)
 int kvmcolo_unmap(void *addr, size_t size)
 {
     return munmap(addr, size) < 0 ? -errno : 0;
+}
+
+/* ---- dirty-page helpers: whole-buffer loops that Python would run per bit
+   or per page (see benchmarks/bench_checkpoint.py for the measured gain) ---- */
+
+/* Indices of the set bits of a KVM dirty bitmap (64-bit little-endian
+   words), in ascending order.  `out` must hold 64 * nwords entries. */
+size_t kvmcolo_bitmap_pages(const uint64_t *bitmap, size_t nwords, uint32_t *out)
+{
+    size_t n = 0;
+    for (size_t w = 0; w < nwords; w++) {
+        uint64_t bits = bitmap[w];
+        while (bits) {
+            out[n++] = (uint32_t)(w * 64 + __builtin_ctzll(bits));
+            bits &= bits - 1;
+        }
+    }
+    return n;
+}
+
+void kvmcolo_bitmap_or(uint64_t *dst, const uint64_t *src, size_t nwords)
+{
+    for (size_t w = 0; w < nwords; w++)
+        dst[w] |= src[w];
+}
+
+/* Copy the listed 4 KiB pages of `base` into consecutive pages of `dst`. */
+void kvmcolo_gather_pages(const uint8_t *base, const uint32_t *pages, size_t n, uint8_t *dst)
+{
+    for (size_t i = 0; i < n; i++)
+        memcpy(dst + (i << 12), base + ((size_t)pages[i] << 12), 4096);
+}
+
+/* The inverse: consecutive pages of `src` to the listed pages of `base`. */
+void kvmcolo_scatter_pages(uint8_t *base, const uint32_t *pages, size_t n, const uint8_t *src)
+{
+    for (size_t i = 0; i < n; i++)
+        memcpy(base + ((size_t)pages[i] << 12), src + (i << 12), 4096);
 }
 """,
 )

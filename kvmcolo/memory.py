@@ -34,7 +34,7 @@ class Region:
     size: int
     host_addr: int
     view: memoryview  # the whole region, writable
-    vmm_dirty: bytearray  # one byte per page: 1 = written by the VMM
+    vmm_dirty: bytearray  # bitmap, bit per page (KVM's layout): written by the VMM
 
     @property
     def end(self) -> int:
@@ -70,7 +70,7 @@ class GuestMemory:
                 size=size,
                 host_addr=int(ffi.cast("uintptr_t", ptr)),
                 view=view,
-                vmm_dirty=bytearray(size >> PAGE_SHIFT),
+                vmm_dirty=new_bitmap(size >> PAGE_SHIFT),
             )
         )
 
@@ -141,14 +141,22 @@ class GuestMemory:
             return
         first = off >> PAGE_SHIFT
         last = (off + length - 1) >> PAGE_SHIFT
-        r.vmm_dirty[first : last + 1] = b"\x01" * (last - first + 1)
+        bm = r.vmm_dirty
+        fb, lb = first >> 3, last >> 3
+        if fb == lb:
+            bm[fb] |= (0xFF << (first & 7)) & (0xFF >> (7 - (last & 7)))
+        else:
+            bm[fb] |= (0xFF << (first & 7)) & 0xFF
+            if lb - fb > 1:
+                bm[fb + 1 : lb] = b"\xff" * (lb - fb - 1)
+            bm[lb] |= 0xFF >> (7 - (last & 7))
 
     def take_vmm_dirty(self) -> list[bytearray]:
-        """Return each region's VMM-dirty page map and start new, empty ones."""
+        """Return each region's VMM-dirty bitmap and start new, empty ones."""
         taken = []
         for r in self.regions:
             taken.append(r.vmm_dirty)
-            r.vmm_dirty = bytearray(r.npages)
+            r.vmm_dirty = new_bitmap(r.npages)
         return taken
 
     def close(self) -> None:
@@ -156,6 +164,23 @@ class GuestMemory:
             r.view.release()
             lib.kvmcolo_unmap(ffi.cast("void *", r.host_addr), r.size)
         self.regions = []
+
+
+def new_bitmap(npages: int) -> bytearray:
+    """A zeroed dirty bitmap in KVM's layout: whole 64-bit words, bit i = page i."""
+    return bytearray(((npages + 63) // 64) * 8)
+
+
+def bitmap_pages(bitmap) -> list[int]:
+    """Set bits of a bitmap as page numbers (for tests and small maps; the
+    checkpoint path uses the C helper in dirty_log)."""
+    value = int.from_bytes(bitmap, "little")
+    pages = []
+    while value:
+        low = value & -value
+        pages.append(low.bit_length() - 1)
+        value ^= low
+    return pages
 
 
 class GuestMemoryError(ValueError):

@@ -326,6 +326,93 @@ class Vcpu:
     def tsc_khz(self) -> int:
         return ioctl(self.fd, lib.KVM_GET_TSC_KHZ, what=f"vcpu {self.index}")
 
+    # ---- the whole vCPU state, for snapshots and checkpoints -------------
+
+    # (name, GET ioctl, SET ioctl, struct) in the order KVM wants them restored:
+    # MP state first, then registers, FPU/XSAVE, debug registers, the LAPIC,
+    # MSRs (separately, below) and finally the pending events.
+    _STATE_PIECES = (
+        ("mp_state", "KVM_GET_MP_STATE", "KVM_SET_MP_STATE", "struct kvm_mp_state"),
+        ("regs", "KVM_GET_REGS", "KVM_SET_REGS", "struct kvm_regs"),
+        ("sregs", "KVM_GET_SREGS", "KVM_SET_SREGS", "struct kvm_sregs"),
+        ("fpu", "KVM_GET_FPU", "KVM_SET_FPU", "struct kvm_fpu"),
+        ("xcrs", "KVM_GET_XCRS", "KVM_SET_XCRS", "struct kvm_xcrs"),
+        ("debugregs", "KVM_GET_DEBUGREGS", "KVM_SET_DEBUGREGS", "struct kvm_debugregs"),
+        ("lapic", "KVM_GET_LAPIC", "KVM_SET_LAPIC", "struct kvm_lapic_state"),
+    )
+    _EVENTS = ("events", "KVM_GET_VCPU_EVENTS", "KVM_SET_VCPU_EVENTS", "struct kvm_vcpu_events")
+
+    def save_state(self, msr_indices: list[int], xsave_size: int) -> dict[str, bytes]:
+        """Every piece of vCPU state as raw kernel-ABI bytes (the vCPU must be
+        paused or not yet started)."""
+        self._require_quiescent()
+        state = {}
+        for name, get, _, ctype in self._STATE_PIECES + (self._EVENTS,):
+            buf = ffi.new(ctype + " *")
+            ioctl(self.fd, getattr(lib, get), buf, what=f"vcpu {self.index}")
+            state[name] = bytes(ffi.buffer(buf))
+        xsave = ffi.new("char[]", xsave_size)
+        get_xsave = lib.KVM_GET_XSAVE2 if xsave_size > ffi.sizeof("struct kvm_xsave") else lib.KVM_GET_XSAVE
+        ioctl(self.fd, get_xsave, xsave, what=f"vcpu {self.index}")
+        state["xsave"] = bytes(ffi.buffer(xsave))
+        state["msrs"] = self._get_msrs(msr_indices)
+        return state
+
+    def load_state(self, state: dict[str, bytes]) -> None:
+        """Apply a save_state() result, in the order PVM-NOTES measured to work:
+        MP state, regs, sregs, FPU, XSAVE, XCRs, debug regs, LAPIC, MSRs, events."""
+        self._require_quiescent()
+        pieces = {name: (set_, ctype + " *") for name, _, set_, ctype in self._STATE_PIECES}
+        for name in ("mp_state", "regs", "sregs", "fpu"):
+            self._set_blob(*pieces[name], state[name])
+        self._set_blob("KVM_SET_XSAVE", "char[]", state["xsave"])
+        for name in ("xcrs", "debugregs", "lapic"):
+            self._set_blob(*pieces[name], state[name])
+        self._set_msrs(state["msrs"])
+        self._set_blob(self._EVENTS[2], self._EVENTS[3] + " *", state["events"])
+
+    def _set_blob(self, set_name: str, ctype: str, blob: bytes) -> None:
+        if ctype.endswith("[]"):
+            buf = ffi.new(ctype, len(blob))
+        else:
+            buf = ffi.new(ctype)
+            if ffi.sizeof(buf[0]) != len(blob):
+                raise ValueError(f"vcpu state {set_name}: {len(blob)} bytes, expected {ffi.sizeof(buf[0])}")
+        ffi.memmove(buf, blob, len(blob))
+        ioctl(self.fd, getattr(lib, set_name), buf, what=f"vcpu {self.index}")
+
+    def _get_msrs(self, indices: list[int]) -> bytes:
+        """MSRs as packed (u32 index, u32 pad, u64 value) entries."""
+        buf = ffi.new("struct kvm_msrs *", {"nmsrs": len(indices), "entries": len(indices)})
+        for i, index in enumerate(indices):
+            buf.entries[i].index = index
+        n = ioctl(self.fd, lib.KVM_GET_MSRS, buf, what=f"vcpu {self.index}")
+        if n != len(indices):
+            raise KvmError(lib.KVM_GET_MSRS, errno.EIO, f"vcpu {self.index}: MSR {indices[n]:#x} unreadable")
+        return bytes(ffi.buffer(buf.entries, ffi.sizeof("struct kvm_msr_entry") * len(indices)))
+
+    def _set_msrs(self, packed: bytes) -> None:
+        n = len(packed) // ffi.sizeof("struct kvm_msr_entry")
+        buf = ffi.new("struct kvm_msrs *", {"nmsrs": n, "entries": n})
+        ffi.memmove(buf.entries, packed, len(packed))
+        done = ioctl(self.fd, lib.KVM_SET_MSRS, buf, what=f"vcpu {self.index}")
+        if done != n:
+            raise KvmError(lib.KVM_SET_MSRS, errno.EIO, f"vcpu {self.index}: MSR {buf.entries[done].index:#x} refused")
+
+    def readable_msrs(self, candidates: list[int]) -> list[int]:
+        """The candidates this vCPU can read back (KVM stops at the first failure)."""
+        self._require_quiescent()
+        keep = list(candidates)
+        while keep:
+            buf = ffi.new("struct kvm_msrs *", {"nmsrs": len(keep), "entries": len(keep)})
+            for i, index in enumerate(keep):
+                buf.entries[i].index = index
+            n = ioctl(self.fd, lib.KVM_GET_MSRS, buf, what=f"vcpu {self.index}")
+            if n == len(keep):
+                return keep
+            del keep[n]
+        return keep
+
     def register_dump(self) -> str:
         """General and system registers as text, for error reports."""
         try:

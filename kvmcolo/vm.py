@@ -134,6 +134,40 @@ class Vm:
         for v in self.vcpus:
             v.resume()
 
+    # ---- VM-wide state: interrupt controllers, PIT, clock ------------------
+
+    _IRQCHIPS = (("pic_master", "KVM_IRQCHIP_PIC_MASTER"), ("pic_slave", "KVM_IRQCHIP_PIC_SLAVE"),
+                 ("ioapic", "KVM_IRQCHIP_IOAPIC"))  # fmt: skip
+
+    def save_state(self) -> dict[str, bytes]:
+        """irqchip (PICs + IOAPIC), PIT and kvmclock as raw kernel-ABI bytes."""
+        state = {}
+        for name, chip in self._IRQCHIPS:
+            buf = ffi.new("struct kvm_irqchip *")
+            buf.chip_id = getattr(lib, chip)
+            ioctl(self.fd, lib.KVM_GET_IRQCHIP, buf, what=name)
+            state[name] = bytes(ffi.buffer(buf))
+        for name, get, ctype in (("pit", lib.KVM_GET_PIT2, "struct kvm_pit_state2"),
+                                 ("clock", lib.KVM_GET_CLOCK, "struct kvm_clock_data")):  # fmt: skip
+            buf = ffi.new(ctype + " *")
+            ioctl(self.fd, get, buf, what=name)
+            state[name] = bytes(ffi.buffer(buf))
+        return state
+
+    def load_state(self, state: dict[str, bytes]) -> None:
+        """Apply save_state() output: PIT, clock, then the interrupt controllers."""
+        pit = ffi.new("struct kvm_pit_state2 *")
+        ffi.memmove(pit, state["pit"], ffi.sizeof(pit[0]))
+        ioctl(self.fd, lib.KVM_SET_PIT2, pit, what="pit")
+        clock = ffi.new("struct kvm_clock_data *")
+        ffi.memmove(clock, state["clock"], ffi.sizeof(clock[0]))
+        clock.flags = 0  # only the clock value is set; KVM rejects the GET-only flags
+        ioctl(self.fd, lib.KVM_SET_CLOCK, clock, what="clock")
+        for name, _ in self._IRQCHIPS:
+            chip = ffi.new("struct kvm_irqchip *")
+            ffi.memmove(chip, state[name], ffi.sizeof(chip[0]))
+            ioctl(self.fd, lib.KVM_SET_IRQCHIP, chip, what=name)
+
     # ---- teardown ----------------------------------------------------------
 
     def close(self) -> None:

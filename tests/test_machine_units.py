@@ -13,7 +13,7 @@ from kvmcolo.cli import parse_size
 from kvmcolo.devices.serial import Serial8250
 from kvmcolo.errors import UserError
 from kvmcolo.iobus import IoBus
-from kvmcolo.memory import MMIO_HOLE_END, MMIO_HOLE_START, GuestMemory, GuestMemoryError
+from kvmcolo.memory import MMIO_HOLE_END, MMIO_HOLE_START, GuestMemory, GuestMemoryError, bitmap_pages
 
 
 @pytest.mark.parametrize("text,value", [("256M", 256 << 20), ("1G", 1 << 30), ("512MiB", 512 << 20),
@@ -130,15 +130,17 @@ def test_guest_memory_layout_and_vmm_dirty_tracking():
         mem.write(MMIO_HOLE_END + 5, b"x")
         assert mem.read(0x1FFE, 4) == b"abcd"
         low, high = mem.take_vmm_dirty()
-        assert [i for i, d in enumerate(low) if d] == [1, 2]
-        assert [i for i, d in enumerate(high) if d] == [0]
+        assert bitmap_pages(low) == [1, 2]
+        assert bitmap_pages(high) == [0]
         assert not any(mem.take_vmm_dirty()[0])  # taken means cleared
         with pytest.raises(GuestMemoryError):
             mem.read(MMIO_HOLE_START - 2, 4)  # runs into the hole
         view = mem.writable_view(0x5000, 10)
         view[:] = b"0123456789"
         assert mem.read(0x5000, 10) == b"0123456789"
-        assert mem.take_vmm_dirty()[0][5] == 1
+        assert bitmap_pages(mem.take_vmm_dirty()[0]) == [5]
+        mem.fill(0x3000, 40 * 4096 + 1)  # a long range: whole bytes in the middle
+        assert bitmap_pages(mem.take_vmm_dirty()[0]) == list(range(3, 44))
     finally:
         mem.close()
 
@@ -188,3 +190,26 @@ def test_pvh_modules_are_listed(tmp_path):
         assert mem.read(paddr, 6) == b"INITRD" and mem.read(cmd, 3) == b"rd\0"
     finally:
         mem.close()
+
+
+@pytest.fixture(scope="module")
+def small_mem():
+    m = GuestMemory(4 << 20)
+    yield m
+    m.close()
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=300, deadline=None)
+@given(writes=st.lists(st.tuples(st.integers(0, (4 << 20) - 1), st.integers(1, 200_000)), max_size=6))
+def test_vmm_dirty_bitmap_matches_a_model(small_mem, writes):
+    small_mem.take_vmm_dirty()
+    expected = set()
+    for off, length in writes:
+        length = min(length, (4 << 20) - off)
+        small_mem.fill(off, length, 0)
+        expected |= set(range(off >> 12, ((off + length - 1) >> 12) + 1))
+    assert bitmap_pages(small_mem.take_vmm_dirty()[0]) == sorted(expected)

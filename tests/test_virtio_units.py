@@ -15,7 +15,7 @@ from kvmcolo.devices.virtio_blk import BlockImage, VirtioBlock
 from kvmcolo.devices.virtio_net import VirtioNet
 from kvmcolo.errors import UserError
 from kvmcolo.event_loop import EventLoop
-from kvmcolo.memory import GuestMemory
+from kvmcolo.memory import GuestMemory, bitmap_pages
 from virtio_driver import F_INDIRECT, F_NEXT, F_WRITE, RingDriver
 
 BUF = 0x200000  # data buffers live here
@@ -225,7 +225,7 @@ def test_blk_reads_are_recorded_as_vmm_dirty(mem, disk):
     mem.write(hdr, struct.pack("<IIQ", 0, 0, 0))
     mem.take_vmm_dirty()
     d.submit(0, [(hdr, 16, False), (data, 8192, True), (st, 1, True)])
-    dirty = [i for i, v in enumerate(mem.take_vmm_dirty()[0]) if v]
+    dirty = bitmap_pages(mem.take_vmm_dirty()[0])
     assert 0x300 in dirty and 0x301 in dirty  # the data pages, written by the device
 
 
@@ -324,6 +324,6 @@ def test_net_received_frames_are_recorded_as_vmm_dirty(net):
     deadline = time.time() + 2
     while not d.used(0) and time.time() < deadline:
         time.sleep(0.01)
-    dirty = [i for i, v in enumerate(d.mem.take_vmm_dirty()[0]) if v]
+    dirty = bitmap_pages(d.mem.take_vmm_dirty()[0])
     assert 0x400 in dirty  # the frame's page
     assert d.queues[0]["used"] >> 12 in dirty  # and the used ring
