@@ -152,6 +152,7 @@ ffibuilder.cdef(
     void kvmcolo_bitmap_or(uint64_t *dst, const uint64_t *src, size_t nwords);
     void kvmcolo_gather_pages(const uint8_t *base, const uint32_t *pages, size_t n, uint8_t *dst);
     void kvmcolo_scatter_pages(uint8_t *base, const uint32_t *pages, size_t n, const uint8_t *src);
+    size_t kvmcolo_nonzero_pages(const uint8_t *base, size_t npages, uint32_t *out);
     """
     + "".join(f"#define {name} ...\n" for name in IOCTLS + CONSTANTS + EXIT_REASONS)
 )
@@ -266,6 +267,23 @@ void kvmcolo_gather_pages(const uint8_t *base, const uint32_t *pages, size_t n, 
 {
     for (size_t i = 0; i < n; i++)
         memcpy(dst + (i << 12), base + ((size_t)pages[i] << 12), 4096);
+}
+
+/* Pages of `base` that hold anything but zeros (a full snapshot stores only
+   those: a fresh VM's RAM is zero).  Stops scanning a page at its first
+   non-zero word, so untouched guest memory is read once at memory speed. */
+size_t kvmcolo_nonzero_pages(const uint8_t *base, size_t npages, uint32_t *out)
+{
+    size_t n = 0;
+    for (size_t p = 0; p < npages; p++) {
+        const uint64_t *w = (const uint64_t *)(base + (p << 12));
+        for (size_t i = 0; i < 512; i++)
+            if (w[i]) {
+                out[n++] = (uint32_t)p;
+                break;
+            }
+    }
+    return n;
 }
 
 /* The inverse: consecutive pages of `src` to the listed pages of `base`. */

@@ -70,11 +70,13 @@ class MachineConfig:
 
 
 class Machine:
-    def __init__(self, config: MachineConfig, kvm: Kvm | None = None):
+    def __init__(self, config: MachineConfig, kvm: Kvm | None = None, boot_kernel: bool = True):
+        """Build the machine.  boot_kernel=False builds it empty, to receive
+        a snapshot or a checkpoint instead of booting."""
         self.config = config
         if config.mem_size < MIN_MEM or config.mem_size % 4096:
             raise UserError(f"--mem must be at least {MIN_MEM >> 20} MiB and a multiple of 4 KiB")
-        image = boot.read_pvh_image(config.kernel)
+        image = boot.read_pvh_image(config.kernel) if boot_kernel else None
         modules = []
         if config.initrd:
             try:
@@ -90,12 +92,16 @@ class Machine:
         self.vm = Vm(self.kvm, config.mem_size, config.cpus)
         self.loop = EventLoop()
         self.virtio: list[VirtioMmio] = []
+        self.disk_images: list[BlockImage] = []
+        self.taps: list[TapBackend] = []
         self._closables: list = []
         try:
             self._add_devices()
             cmdline = " ".join([config.cmdline, *self._add_virtio_devices()]).strip()
-            start_info = boot.load_pvh(self.vm.memory, image, cmdline, config.cpus, modules)
-            self._setup_vcpus(image.entry, start_info)
+            self._setup_cpuid()
+            if image is not None:
+                start_info = boot.load_pvh(self.vm.memory, image, cmdline, config.cpus, modules)
+                boot.pvh_boot_cpu_state(self.vm.vcpus[0], image.entry, start_info)
         except BaseException:
             self._close_devices()
             self.vm.close()
@@ -124,11 +130,13 @@ class Machine:
         for spec in self.config.disks:
             image = BlockImage(spec.path, spec.readonly)
             self._closables.append(image)
+            self.disk_images.append(image)
             devices.append((f"virtio-blk {spec.path}", VirtioBlock(image)))
         for spec in self.config.nets:
             mac = parse_mac(spec.mac)
             tap = TapBackend(spec.tap)
             self._closables.append(tap)
+            self.taps.append(tap)
             devices.append((f"virtio-net {tap.name}", VirtioNet(tap, mac, self.loop)))
         for i, (name, device) in enumerate(devices):
             base = VIRTIO_MMIO_BASE + i * VIRTIO_MMIO_STRIDE
@@ -152,13 +160,46 @@ class Machine:
             c.close()
         self._closables = []
 
-    def _setup_vcpus(self, entry: int, start_info: int) -> None:
+    def _setup_cpuid(self) -> None:
         vcpus = self.vm.vcpus
         self.tsc_khz = vcpus[0].tsc_khz()
         supported = self.kvm.supported_cpuid()
         for v in vcpus:
             v.set_cpuid(vcpu_cpuid(supported, v.index, len(vcpus), self.tsc_khz))
-        boot.pvh_boot_cpu_state(vcpus[0], entry, start_info)
+
+    # ---- what the machine is, and its devices' state ----------------------
+
+    def shape(self) -> dict:
+        """Everything needed to build an identical empty machine elsewhere."""
+        return {
+            "mem_size": self.config.mem_size,
+            "cpus": self.config.cpus,
+            "disks": [{"path": os.path.abspath(d.path), "readonly": d.readonly, "size": img.size}
+                      for d, img in zip(self.config.disks, self.disk_images)],
+            "nets": [{"tap": tap.name, "mac": n.mac} for n, tap in zip(self.config.nets, self.taps)],
+            "ioeventfd": self.config.ioeventfd,
+        }  # fmt: skip
+
+    @staticmethod
+    def config_from_shape(shape: dict, **overrides) -> MachineConfig:
+        config = MachineConfig(
+            kernel="", mem_size=shape["mem_size"], cpus=shape["cpus"], ioeventfd=shape["ioeventfd"],
+            disks=[DiskSpec(d["path"], d["readonly"]) for d in shape["disks"]],
+            nets=[NetSpec(n["tap"], n["mac"]) for n in shape["nets"]],
+        )  # fmt: skip
+        for key, value in overrides.items():
+            setattr(config, key, value)
+        return config
+
+    def save_devices(self) -> dict:
+        return {"serial": self.serial.save_state(), "virtio": [t.save_state() for t in self.virtio]}
+
+    def load_devices(self, state: dict) -> None:
+        self.serial.load_state(state["serial"])
+        if len(state["virtio"]) != len(self.virtio):
+            raise ValueError(f"saved state has {len(state['virtio'])} virtio devices, this machine {len(self.virtio)}")
+        for transport, saved in zip(self.virtio, state["virtio"]):
+            transport.load_state(saved)
 
     # ---- running ---------------------------------------------------------
 

@@ -144,6 +144,23 @@ class Serial8250:
             self._irq_level = level
             self._set_irq(level)
 
+    # ---- checkpoints ----
+
+    _REGISTERS = ("_ier", "_lcr", "_mcr", "_scr", "_dll", "_dlm", "_fifo_enabled", "_thre_pending", "_irq_level")
+
+    def save_state(self) -> dict:
+        with self._lock:
+            state = {name.lstrip("_"): getattr(self, name) for name in self._REGISTERS}
+            state["rx"] = bytes(self._rx).hex()
+            return state
+
+    def load_state(self, state: dict) -> None:
+        with self._lock:
+            for name in self._REGISTERS:
+                setattr(self, name, type(getattr(self, name))(state[name.lstrip("_")]))
+            self._rx = collections.deque(bytes.fromhex(state["rx"]))
+            self._set_irq(self._irq_level)
+
     def flush(self) -> None:
         with self._lock:
             if self._output is not None:

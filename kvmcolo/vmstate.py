@@ -1,0 +1,280 @@
+"""Layer 3: the whole machine as data — captured from a paused Machine, and
+applied to a fresh one.
+
+Sections (container format in sections.py):
+
+    META  JSON: kind (full/incremental), ids, the machine's shape (RAM, vCPUs,
+          disks, taps), and what the host must provide (XSAVE size, MSRs,
+          CPUID feature bits) — checked before anything is applied
+    VMST  interrupt controllers, PIT, clock (kernel-ABI blobs)
+    VCPU  one per vCPU: every register set, XSAVE, LAPIC, MSRs, events
+    DEVS  JSON: each device's save_state()
+    RAM   page lists + page data.  A full snapshot lists every non-zero page
+          (pages not listed are zero); an incremental one, every page dirtied
+          since its parent (guest writes from KVM's log and VMM writes).
+
+Capture runs with the guest paused (Machine.pause: vCPUs parked, I/O thread
+held), so no device request is half done.  Application order follows
+PVM-NOTES: RAM, then PIT/clock/irqchip, then each vCPU, then devices.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import time
+import uuid
+from dataclasses import dataclass
+
+from kvmcolo import sections
+from kvmcolo.dirty_log import DirtyLog, RegionDirty
+from kvmcolo.kvm_ffi import Kvm, ffi, lib
+from kvmcolo.memory import PAGE_SIZE
+
+STATE_VERSION = 1
+KNOWN_SECTIONS = {b"META": 1, b"VMST": 1, b"VCPU": 1, b"DEVS": 1, b"RAM ": 1}
+KIND_FULL = "full"
+KIND_INCREMENTAL = "incremental"
+
+# CPUID leaves whose feature bits a saved guest may depend on: the restoring
+# host must offer every bit that was offered where the state was captured.
+_FEATURE_LEAVES = ((1, 0), (7, 0), (0xD, 0), (0xD, 1), (0x80000001, 0))
+
+
+class IncompatibleState(ValueError):
+    """The state cannot be applied to this host or machine."""
+
+
+# ---- host fingerprint ----------------------------------------------------------
+
+
+@dataclass
+class HostCaps:
+    xsave_size: int
+    msrs: list[int]
+    cpuid: dict[str, list[int]]  # "leaf.subleaf" -> [eax, ebx, ecx, edx]
+
+    @classmethod
+    def probe(cls, kvm: Kvm, vcpu) -> HostCaps:
+        xsave_size = max(ffi.sizeof("struct kvm_xsave"), kvm.check_extension("KVM_CAP_XSAVE2"))
+        msrs = vcpu.readable_msrs(kvm.msr_index_list())
+        cpuid = {}
+        for e in kvm.supported_cpuid():
+            key = (e.function, e.index if e.flags & lib.KVM_CPUID_FLAG_SIGNIFCANT_INDEX else 0)
+            if key in _FEATURE_LEAVES:
+                cpuid[f"{key[0]:#x}.{key[1]}"] = [e.eax, e.ebx, e.ecx, e.edx]
+        return cls(xsave_size, msrs, cpuid)
+
+    def check_can_hold(self, saved: dict) -> None:
+        if saved["xsave_size"] > self.xsave_size:
+            raise IncompatibleState(f"saved XSAVE area is {saved['xsave_size']} bytes, this host's is {self.xsave_size}")
+        missing = sorted(set(saved["msrs"]) - set(self.msrs))
+        if missing:
+            raise IncompatibleState(f"this host cannot restore MSRs {', '.join(hex(m) for m in missing)}")
+        for leaf, regs in saved["cpuid"].items():
+            here = self.cpuid.get(leaf, [0, 0, 0, 0])
+            for name, a, b in zip(("eax", "ebx", "ecx", "edx"), regs, here):
+                if leaf.startswith("0xd") and name != "ebx":
+                    lacking = a & ~b  # XSAVE component bitmaps
+                elif leaf.startswith("0xd"):
+                    lacking = 0 if a <= b else a  # area size
+                else:
+                    lacking = a & ~b
+                if lacking:
+                    raise IncompatibleState(f"this host's CPU lacks CPUID {leaf} {name} bits {lacking:#x} the guest was given")
+
+    def as_meta(self) -> dict:
+        return {"xsave_size": self.xsave_size, "msrs": self.msrs, "cpuid": self.cpuid}
+
+
+# ---- blobs ----------------------------------------------------------------------------
+
+_BLOB = struct.Struct("<HI")
+
+
+def pack_blobs(blobs: dict[str, bytes]) -> bytes:
+    out = bytearray()
+    for name, data in blobs.items():
+        raw = name.encode()
+        out += _BLOB.pack(len(raw), len(data)) + raw + data
+    return bytes(out)
+
+
+def unpack_blobs(payload) -> dict[str, bytes]:
+    view = memoryview(payload)
+    out, at = {}, 0
+    while at < len(view):
+        if at + _BLOB.size > len(view):
+            raise sections.StateFormatError("truncated blob header")
+        nlen, dlen = _BLOB.unpack_from(view, at)
+        at += _BLOB.size
+        if at + nlen + dlen > len(view):
+            raise sections.StateFormatError("truncated blob")
+        name = bytes(view[at : at + nlen]).decode()
+        out[name] = bytes(view[at + nlen : at + nlen + dlen])
+        at += nlen + dlen
+    return out
+
+
+# ---- RAM --------------------------------------------------------------------------------
+
+_RAM_HEADER = struct.Struct("<I")  # number of regions
+_RAM_REGION = struct.Struct("<IQI")  # slot, region size, page count
+
+
+def ram_section(dirty: list[RegionDirty], buffer: bytearray | None = None) -> sections.Section:
+    """Page lists then page data, gathered into one buffer (copied while the
+    guest is paused, so the section is a consistent picture)."""
+    total = sum(d.count for d in dirty)
+    head = bytearray(_RAM_HEADER.pack(len(dirty)))
+    for d in dirty:
+        head += _RAM_REGION.pack(d.region.slot, d.region.size, d.count)
+        head += ffi.buffer(d.pages, 4 * d.count)
+    need = len(head) + total * PAGE_SIZE
+    buf = buffer if buffer is not None and len(buffer) >= need else bytearray(need)
+    buf[: len(head)] = head
+    at = len(head)
+    for d in dirty:
+        if d.count:
+            d.gather(memoryview(buf)[at : at + d.count * PAGE_SIZE])
+            at += d.count * PAGE_SIZE
+    return sections.Section(b"RAM ", 1, memoryview(buf)[:need])
+
+
+def parse_ram(payload) -> list[tuple[int, int, object, memoryview]]:
+    """[(slot, region size, page numbers (uint32 array), page data)], validated."""
+    view = memoryview(payload)
+    if len(view) < _RAM_HEADER.size:
+        raise sections.StateFormatError("truncated RAM section")
+    (nregions,) = _RAM_HEADER.unpack_from(view)
+    at = _RAM_HEADER.size
+    lists = []
+    for _ in range(nregions):
+        if at + _RAM_REGION.size > len(view):
+            raise sections.StateFormatError("truncated RAM region header")
+        slot, size, count = _RAM_REGION.unpack_from(view, at)
+        at += _RAM_REGION.size
+        if at + 4 * count > len(view):
+            raise sections.StateFormatError("truncated RAM page list")
+        pages = ffi.from_buffer("uint32_t[]", view[at : at + 4 * count])
+        at += 4 * count
+        npages = size // PAGE_SIZE
+        if count and max(ffi.unpack(pages, count)) >= npages:
+            raise sections.StateFormatError(f"RAM page number beyond slot {slot}")
+        lists.append((slot, size, pages, count))
+    out = []
+    for slot, size, pages, count in lists:
+        if at + count * PAGE_SIZE > len(view):
+            raise sections.StateFormatError("truncated RAM pages")
+        out.append((slot, size, pages, count, view[at : at + count * PAGE_SIZE]))
+        at += count * PAGE_SIZE
+    return out
+
+
+# ---- capture ----------------------------------------------------------------------------
+
+
+@dataclass
+class Captured:
+    sections: list[sections.Section]
+    meta: dict
+    dirty_pages: int
+
+
+def capture(machine, dirty_log: DirtyLog, kind: str, parent: str | None, host: HostCaps,
+            ram_buffer: bytearray | None = None) -> Captured:  # fmt: skip
+    """The machine's state (guest paused).  `kind` full: every non-zero page;
+    incremental: pages dirtied since the last capture.  Either way the dirty
+    log is re-armed, so the next incremental is relative to this one."""
+    dirty = dirty_log.collect()
+    if kind == KIND_FULL:
+        dirty = _nonzero_pages(machine, dirty)
+    meta = {
+        "state_version": STATE_VERSION,
+        "kind": kind,
+        "id": uuid.uuid4().hex,
+        "parent": parent,
+        "time": time.time(),
+        "machine": machine.shape(),
+        "host": host.as_meta(),
+    }
+    secs = [sections.Section(b"META", 1, json.dumps(meta).encode())]
+    secs.append(sections.Section(b"VMST", 1, pack_blobs(machine.vm.save_state())))
+    for v in machine.vm.vcpus:
+        secs.append(sections.Section(b"VCPU", 1, pack_blobs(v.save_state(host.msrs, host.xsave_size))))
+    secs.append(sections.Section(b"DEVS", 1, json.dumps(machine.save_devices()).encode()))
+    secs.append(ram_section(dirty, ram_buffer))
+    return Captured(secs, meta, sum(d.count for d in dirty))
+
+
+def _nonzero_pages(machine, dirty: list[RegionDirty]) -> list[RegionDirty]:
+    out = []
+    for d in dirty:
+        r = d.region
+        count = lib.kvmcolo_nonzero_pages(ffi.cast("uint8_t *", r.host_addr), r.npages, d.pages)
+        out.append(RegionDirty(r, d.pages, count))
+    return out
+
+
+# ---- reading and applying -------------------------------------------------------------
+
+
+@dataclass
+class Snapshot:
+    meta: dict
+    vm: dict[str, bytes]
+    vcpus: list[dict[str, bytes]]
+    devices: dict
+    ram: list  # parse_ram() output
+
+
+def parse(data) -> Snapshot:
+    """Decode and check a whole state stream (nothing is applied here)."""
+    secs = sections.decode(data, KNOWN_SECTIONS)
+    by_tag: dict[bytes, list] = {}
+    for s in secs:
+        by_tag.setdefault(s.tag, []).append(s.payload)
+    for tag in (b"META", b"VMST", b"DEVS", b"RAM "):
+        if len(by_tag.get(tag, [])) != 1:
+            raise sections.StateFormatError(f"state needs exactly one {tag.decode().strip()} section")
+    try:
+        meta = json.loads(bytes(by_tag[b"META"][0]))
+        devices = json.loads(bytes(by_tag[b"DEVS"][0]))
+    except ValueError as e:
+        raise sections.StateFormatError(f"bad metadata: {e}")
+    if meta.get("state_version") != STATE_VERSION:
+        raise sections.StateFormatError(f"state version {meta.get('state_version')} is not supported")
+    vcpus = [unpack_blobs(p) for p in by_tag.get(b"VCPU", [])]
+    if len(vcpus) != meta["machine"]["cpus"]:
+        raise sections.StateFormatError(f"{len(vcpus)} vCPU sections for {meta['machine']['cpus']} vCPUs")
+    return Snapshot(meta, unpack_blobs(by_tag[b"VMST"][0]), vcpus, devices, parse_ram(by_tag[b"RAM "][0]))
+
+
+def check_chain(snaps: list[Snapshot]) -> None:
+    if not snaps or snaps[0].meta["kind"] != KIND_FULL:
+        raise IncompatibleState("a restore starts from a full snapshot")
+    for prev, cur in zip(snaps, snaps[1:]):
+        if cur.meta["kind"] != KIND_INCREMENTAL or cur.meta["parent"] != prev.meta["id"]:
+            raise IncompatibleState(f"snapshot {cur.meta['id'][:8]} does not follow {prev.meta['id'][:8]}")
+        if cur.meta["machine"] != prev.meta["machine"]:
+            raise IncompatibleState("snapshots of a chain describe different machines")
+
+
+def apply_ram(machine, snap: Snapshot) -> None:
+    from kvmcolo.dirty_log import scatter_pages
+
+    regions = {r.slot: r for r in machine.vm.memory.regions}
+    for slot, size, pages, count, data in snap.ram:
+        r = regions.get(slot)
+        if r is None or r.size != size:
+            raise IncompatibleState(f"memory slot {slot} does not match this machine")
+        if count:
+            scatter_pages(r, pages, count, data)
+
+
+def apply(machine, snap: Snapshot) -> None:
+    """Apply vCPU, VM and device state (RAM separately, chain first)."""
+    machine.vm.load_state(snap.vm)
+    for v, state in zip(machine.vm.vcpus, snap.vcpus):
+        v.load_state(state)
+    machine.load_devices(snap.devices)
