@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import signal
 import sys
@@ -82,11 +83,43 @@ def _build_parser() -> argparse.ArgumentParser:
                      "(removed at exit); default MAC 52:54:00:12:34:56")
     run.add_argument("--no-ioeventfd", dest="ioeventfd", action="store_false",
                      help="take queue notifications as MMIO exits instead of in-kernel ioeventfds (for measuring)")
+    _add_control_option(run, serve=True)
+
+    restore = sub.add_parser(
+        "restore",
+        help="start a VMM from a snapshot chain",
+        description="Start a new VMM from a full snapshot and any incremental ones taken after it "
+        "(in order). The disks are reopened and the taps recreated by name; the guest continues "
+        "where it was.",
+    )
+    restore.add_argument("files", nargs="+", metavar="FILE", help="full snapshot, then its increments in order")
+    restore.add_argument("--serial-log", metavar="FILE", help="write the guest console to FILE instead of stdout")
+    _add_control_option(restore, serve=True)
+
+    for name, text in (("status", "show a running VMM's state"), ("stop", "pause a running VMM's guest"),
+                       ("cont", "resume a paused guest"), ("stats", "show a running VMM's counters"),
+                       ("quit", "end a running VMM")):  # fmt: skip
+        _add_control_option(sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + "."))
+    snap = sub.add_parser("snapshot", help="write a snapshot of a running VMM",
+                          description="Write a snapshot of a running VMM's guest to FILE (atomically). The "
+                          "first one is full; --incremental writes only what changed since the previous one.")  # fmt: skip
+    snap.add_argument("file", metavar="FILE")
+    snap.add_argument("--incremental", action="store_true", help="only pages dirtied since the previous snapshot")
+    _add_control_option(snap)
     run.add_argument("guest_args", nargs="*", metavar="-- PARAM", help="words appended to the command line")
 
     sub.add_parser("images", help="build the built-in tiny guests and list them",
                    description="Build (if needed) and list the built-in tiny guests.")  # fmt: skip
     return p
+
+
+def _add_control_option(parser, serve: bool = False) -> None:
+    if serve:
+        parser.add_argument("--control", metavar="PATH",
+                            help="control socket to serve (default /run/kvmcolo/kvmcolo-PID.sock)")  # fmt: skip
+    else:
+        parser.add_argument("--control", metavar="PATH",
+                            help="the VMM's control socket (default: the only one in /run/kvmcolo)")  # fmt: skip
 
 
 def parse_disk(text: str):
@@ -138,12 +171,7 @@ def _cmd_run(args) -> int:
     mem = parse_size(args.mem)
     kernel = str(guest_images.image_path(args.image)) if args.image else args.kernel
     cmdline = " ".join([args.cmdline, *args.guest_args]).strip()
-    serial_out = None
-    if args.serial_log:
-        try:
-            serial_out = open(args.serial_log, "wb")
-        except OSError as e:
-            raise UserError(f"cannot write serial log {args.serial_log!r}: {e.strerror}")
+    serial_out = _open_serial_log(args.serial_log)
     config = MachineConfig(kernel=kernel, cmdline=cmdline, mem_size=mem, cpus=args.cpus,
                            initrd=args.initrd, serial_output=serial_out, serial_input=True,
                            disks=[parse_disk(d) for d in args.disk], nets=[parse_net(n) for n in args.net],
@@ -151,9 +179,41 @@ def _cmd_run(args) -> int:
     machine = Machine(config)
     log.info("booting %s: %d MiB, %d vCPU%s, cmdline %r", kernel, mem >> 20, args.cpus,
              "s" if args.cpus > 1 else "", cmdline)  # fmt: skip
+    return _serve(machine, args.control, serial_out)
+
+
+def _cmd_restore(args) -> int:
+    from kvmcolo.snapshot import read_chain, restore_machine
+
+    snaps = read_chain(args.files)
+    serial_out = _open_serial_log(args.serial_log)
+    machine = restore_machine(snaps, serial_output=serial_out, serial_input=True)
+    log.info("restored %s (%d file%s); the guest continues", args.files[-1], len(args.files),
+             "s" if len(args.files) > 1 else "")  # fmt: skip
+    return _serve(machine, args.control, serial_out)
+
+
+def _open_serial_log(path):
+    if not path:
+        return None
     try:
-        machine.start()
-        result = machine.wait()
+        return open(path, "wb")
+    except OSError as e:
+        raise UserError(f"cannot write serial log {path!r}: {e.strerror}")
+
+
+def _serve(machine, control_path, serial_out) -> int:
+    """Run a built machine with its control socket until the guest ends."""
+    from kvmcolo import control
+    from kvmcolo.vmm import Vmm
+
+    try:
+        vmm = Vmm(machine, control_path or control.default_path())
+    except BaseException:
+        machine.close()
+        raise
+    try:
+        result = vmm.run()
     except KeyboardInterrupt:
         log.info("interrupted; stopping the guest")
         return INTERRUPTED_STATUS
@@ -166,6 +226,27 @@ def _cmd_run(args) -> int:
     else:
         log.info("%s", result.reason)
     return result.status
+
+
+def _cmd_client(args) -> int:
+    import json
+
+    from kvmcolo import control
+
+    path = control.find_socket(args.control)
+    if args.command == "snapshot":
+        result = control.call(path, "snapshot", {"path": os.path.abspath(args.file), "incremental": args.incremental})
+        print(f"{result['kind']} snapshot {result['path']}: {result['pages']} pages, {result['bytes']} bytes, "
+              f"guest paused {result['pause_ms']:.1f} ms")  # fmt: skip
+        return 0
+    command = {"status": "query-status", "stats": "query-stats"}.get(args.command, args.command)
+    result = control.call(path, command)
+    if args.command == "status":
+        print(f"{result['status']}  pid {result['pid']}  {result['vcpus']} vCPUs  {result['memory_mib']} MiB  "
+              f"up {result['uptime_s']:.1f} s")  # fmt: skip
+    elif result is not None:
+        print(json.dumps(result, indent=2))
+    return 0
 
 
 def _setup_logging(args) -> None:
@@ -187,6 +268,10 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_run(args)
         if args.command == "images":
             return _cmd_images(args)
+        if args.command == "restore":
+            return _cmd_restore(args)
+        if args.command in ("status", "stop", "cont", "stats", "quit", "snapshot"):
+            return _cmd_client(args)
         _build_parser().print_help()
         return USER_ERROR_STATUS
     except UserError as e:

@@ -107,6 +107,7 @@ class Machine:
             self.vm.close()
             raise
         self._stdin_thread: threading.Thread | None = None
+        self.paused = False
 
     def _add_devices(self) -> None:
         out = self.config.serial_output
@@ -233,8 +234,10 @@ class Machine:
         requests, so no device has a request half done."""
         self.vm.pause()
         self.loop.pause()
+        self.paused = True
 
     def resume(self) -> None:
+        self.paused = False
         self.loop.resume()
         self.vm.resume()
 

@@ -38,7 +38,16 @@ KIND_INCREMENTAL = "incremental"
 
 # CPUID leaves whose feature bits a saved guest may depend on: the restoring
 # host must offer every bit that was offered where the state was captured.
-_FEATURE_LEAVES = ((1, 0), (7, 0), (0xD, 0), (0xD, 1), (0x80000001, 0))
+# (leaf, subleaf) -> the registers that hold feature bits (leaf 1 EBX, say,
+# holds the APIC ID, and leaf 0xD EBX/ECX sizes, not features).
+_FEATURE_REGS = {
+    (1, 0): ("ecx", "edx"),
+    (7, 0): ("ebx", "ecx", "edx"),
+    (0xD, 0): ("eax", "edx"),  # XSAVE state components
+    (0xD, 1): ("eax",),
+    (0x80000001, 0): ("ecx", "edx"),
+}
+_FEATURE_LEAVES = tuple(_FEATURE_REGS)
 
 
 class IncompatibleState(ValueError):
@@ -73,13 +82,10 @@ class HostCaps:
             raise IncompatibleState(f"this host cannot restore MSRs {', '.join(hex(m) for m in missing)}")
         for leaf, regs in saved["cpuid"].items():
             here = self.cpuid.get(leaf, [0, 0, 0, 0])
+            function, subleaf = leaf.split(".")
+            checked = _FEATURE_REGS.get((int(function, 16), int(subleaf)), ())
             for name, a, b in zip(("eax", "ebx", "ecx", "edx"), regs, here):
-                if leaf.startswith("0xd") and name != "ebx":
-                    lacking = a & ~b  # XSAVE component bitmaps
-                elif leaf.startswith("0xd"):
-                    lacking = 0 if a <= b else a  # area size
-                else:
-                    lacking = a & ~b
+                lacking = a & ~b if name in checked else 0
                 if lacking:
                     raise IncompatibleState(f"this host's CPU lacks CPUID {leaf} {name} bits {lacking:#x} the guest was given")
 

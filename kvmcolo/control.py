@@ -1,0 +1,242 @@
+"""Layer 5: the control socket — a running VMM's QMP-like interface.
+
+Newline-delimited JSON over a Unix socket that only its owner can use
+(mode 0600 in a 0700 folder).  On connect the server greets with
+{"kvmcolo": {"version": V, "pid": P}}; then every request line
+{"execute": NAME, "arguments": {...}, "id": X} gets one reply line,
+{"return": ...} or {"error": {"class": C, "desc": D}} (with "id" echoed).
+A malformed line or an unknown command gets an error reply; the VMM is not
+affected.  Commands are plain callables registered by name, run one at a
+time on the server's thread.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import selectors
+import socket
+import threading
+from typing import Callable
+
+from kvmcolo import __version__
+from kvmcolo.errors import UserError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DIR = "/run/kvmcolo"
+MAX_LINE = 1 << 20
+
+
+def default_path() -> str:
+    return os.path.join(DEFAULT_DIR, f"kvmcolo-{os.getpid()}.sock")
+
+
+class CommandError(Exception):
+    """A command refused its arguments or could not run; sent as an error reply."""
+
+
+class ControlServer:
+    def __init__(self, path: str, commands: dict[str, Callable[..., object]]):
+        self.path = path
+        self.commands = commands
+        folder = os.path.dirname(os.path.abspath(path))
+        try:
+            os.makedirs(folder, mode=0o700, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create control socket folder {folder!r}: {e.strerror}")
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        if os.path.exists(path):
+            if _alive(path):
+                raise UserError(f"control socket {path!r} is in use by a running VMM")
+            os.unlink(path)  # a stale socket left by a killed VMM
+        old = os.umask(0o177)
+        try:
+            self._sock.bind(path)
+        except OSError as e:
+            raise UserError(f"cannot create control socket {path!r}: {e.strerror}")
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
+        self._sock.listen(8)
+        self._sock.setblocking(False)
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._sock, selectors.EVENT_READ, None)
+        self._stop_r, self._stop_w = os.pipe()
+        self._selector.register(self._stop_r, selectors.EVENT_READ, "stop")
+        self._buffers: dict[socket.socket, bytearray] = {}
+        self._thread = threading.Thread(target=self._run, name="control", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        os.write(self._stop_w, b"x")
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(5)
+        for conn in list(self._buffers):
+            conn.close()
+        self._sock.close()
+        os.close(self._stop_r)
+        os.close(self._stop_w)
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+    # ---- serving ------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            for key, _ in self._selector.select():
+                if key.data == "stop":
+                    return
+                if key.data is None:
+                    self._accept()
+                else:
+                    self._read(key.fileobj)
+
+    def _accept(self) -> None:
+        try:
+            conn, _ = self._sock.accept()
+        except BlockingIOError:
+            return
+        conn.setblocking(True)
+        conn.settimeout(10)
+        self._buffers[conn] = bytearray()
+        self._selector.register(conn, selectors.EVENT_READ, "conn")
+        self._send(conn, {"kvmcolo": {"version": __version__, "pid": os.getpid()}})
+
+    def _drop(self, conn: socket.socket) -> None:
+        self._selector.unregister(conn)
+        self._buffers.pop(conn, None)
+        conn.close()
+
+    def _read(self, conn: socket.socket) -> None:
+        try:
+            data = conn.recv(65536)
+        except OSError:
+            data = b""
+        if not data:
+            self._drop(conn)
+            return
+        buf = self._buffers[conn]
+        buf += data
+        while (nl := buf.find(b"\n")) >= 0:
+            line = bytes(buf[:nl])
+            del buf[: nl + 1]
+            if line.strip():
+                reply, quit_after = self.handle_line(line)
+                if not self._send(conn, reply):
+                    return
+                if quit_after:
+                    quit_after()
+        if len(buf) > MAX_LINE:
+            self._send(conn, _error("InvalidRequest", "request line too long"))
+            self._drop(conn)
+
+    def _send(self, conn: socket.socket, obj: dict) -> bool:
+        try:
+            conn.sendall(json.dumps(obj).encode() + b"\n")
+            return True
+        except OSError:
+            self._drop(conn)
+            return False
+
+    def handle_line(self, line: bytes) -> tuple[dict, Callable[[], None] | None]:
+        """One request line to one reply (and, for quit, what to do after replying)."""
+        try:
+            req = json.loads(line)
+        except ValueError as e:
+            return _error("InvalidJSON", f"not JSON: {e}"), None
+        if not isinstance(req, dict) or not isinstance(req.get("execute"), str):
+            return _error("InvalidRequest", 'expected {"execute": "<command>", "arguments": {...}}'), None
+        name = req["execute"]
+        args = req.get("arguments", {})
+        reply_id = {"id": req["id"]} if "id" in req else {}
+        if not isinstance(args, dict):
+            return {**_error("InvalidRequest", "arguments must be an object"), **reply_id}, None
+        command = self.commands.get(name)
+        if command is None:
+            known = ", ".join(sorted(self.commands))
+            return {**_error("CommandNotFound", f"unknown command {name!r}; known: {known}"), **reply_id}, None
+        try:
+            result = command(**args)
+        except TypeError as e:
+            return {**_error("InvalidArguments", f"{name}: {e}"), **reply_id}, None
+        except (CommandError, UserError) as e:
+            return {**_error("GenericError", str(e)), **reply_id}, None
+        except Exception as e:  # noqa: BLE001 - the VMM stays up; the client hears what went wrong
+            log.exception("control command %s failed", name)
+            return {**_error("InternalError", f"{name} failed: {e}"), **reply_id}, None
+        after = None
+        if isinstance(result, QuitAfterReply):
+            after, result = result.action, result.value
+        return {"return": result, **reply_id}, after
+
+
+class QuitAfterReply:
+    """A command result whose action runs once the reply has been sent."""
+
+    def __init__(self, value, action: Callable[[], None]):
+        self.value = value
+        self.action = action
+
+
+def _error(cls: str, desc: str) -> dict:
+    return {"error": {"class": cls, "desc": desc}}
+
+
+def _alive(path: str) -> bool:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+# ---- client -------------------------------------------------------------------
+
+
+def find_socket(path: str | None) -> str:
+    """The socket to talk to: the one given, or the only one in DEFAULT_DIR."""
+    if path:
+        return path
+    try:
+        found = sorted(f for f in os.listdir(DEFAULT_DIR) if f.endswith(".sock"))
+    except FileNotFoundError:
+        found = []
+    live = [os.path.join(DEFAULT_DIR, f) for f in found if _alive(os.path.join(DEFAULT_DIR, f))]
+    if not live:
+        raise UserError(f"no running kvmcolo VMM found in {DEFAULT_DIR}; give --control PATH")
+    if len(live) > 1:
+        raise UserError(f"{len(live)} VMMs are running; choose one with --control ({', '.join(live)})")
+    return live[0]
+
+
+def call(socket_path: str, command: str, arguments: dict | None = None, timeout: float = 120) -> object:
+    """Send one command and return its result; UserError on any failure."""
+    path = socket_path
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.connect(path)
+    except FileNotFoundError:
+        raise UserError(f"no control socket at {path!r}")
+    except OSError as e:
+        raise UserError(f"cannot connect to {path!r}: {e.strerror}")
+    with s, s.makefile("rwb") as f:
+        f.readline()  # greeting
+        f.write(json.dumps({"execute": command, "arguments": arguments or {}}).encode() + b"\n")
+        f.flush()
+        line = f.readline()
+    if not line:
+        raise UserError(f"the VMM at {path!r} closed the connection")
+    reply = json.loads(line)
+    if "error" in reply:
+        raise UserError(f"{command}: {reply['error']['desc']}")
+    return reply["return"]

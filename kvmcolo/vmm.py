@@ -1,0 +1,85 @@
+"""Layer 5: one running VMM process — a Machine, its snapshots and its
+control socket — as `kvmcolo run` and `kvmcolo restore` start it."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+from kvmcolo.control import CommandError, ControlServer, QuitAfterReply
+from kvmcolo.snapshot import Snapshotter
+from kvmcolo.vm import VmExit
+
+log = logging.getLogger(__name__)
+
+
+class Vmm:
+    def __init__(self, machine, control_path: str):
+        self.machine = machine
+        self.snapshots = Snapshotter(machine)
+        self.started = time.monotonic()
+        self.control = ControlServer(
+            control_path,
+            {
+                "query-status": self.query_status,
+                "stop": self.stop,
+                "cont": self.cont,
+                "snapshot": self.snapshot,
+                "query-stats": self.query_stats,
+                "quit": self.quit,
+            },
+        )
+
+    # ---- commands ---------------------------------------------------------
+
+    def query_status(self) -> dict:
+        m = self.machine
+        status = "exited" if m.vm.exit is not None else ("paused" if m.paused else "running")
+        return {"status": status, "pid": os.getpid(), "vcpus": len(m.vm.vcpus), "memory_mib": m.config.mem_size >> 20,
+                "uptime_s": round(time.monotonic() - self.started, 3)}  # fmt: skip
+
+    def stop(self) -> dict:
+        self._require_running_vm()
+        if not self.machine.paused:
+            self.machine.pause()
+        return self.query_status()
+
+    def cont(self) -> dict:
+        self._require_running_vm()
+        if self.machine.paused:
+            self.machine.resume()
+        return self.query_status()
+
+    def snapshot(self, path: str, incremental: bool = False) -> dict:
+        self._require_running_vm()
+        if not isinstance(path, str) or not path:
+            raise CommandError("snapshot needs a file path")
+        return self.snapshots.take(path, bool(incremental)).as_dict()
+
+    def query_stats(self) -> dict:
+        m = self.machine
+        return {
+            "vcpus": [{"index": v.index, "state": v.state.value, "exits": v.exits} for v in m.vm.vcpus],
+            "devices": [{"name": t.name, "status": t.status, **getattr(t.device, "stats", {})} for t in m.virtio],
+            "last_snapshot": self.snapshots.last_id,
+        }
+
+    def quit(self) -> QuitAfterReply:
+        return QuitAfterReply(None, lambda: self.machine.vm.request_exit(0, "quit requested on the control socket"))
+
+    def _require_running_vm(self) -> None:
+        if self.machine.vm.exit is not None:
+            raise CommandError("the guest has already ended")
+
+    # ---- life ---------------------------------------------------------------
+
+    def run(self) -> VmExit:
+        """Serve the control socket and run the guest until it ends."""
+        self.control.start()
+        log.info("control socket: %s", self.control.path)
+        try:
+            self.machine.start()
+            return self.machine.wait()
+        finally:
+            self.control.close()
