@@ -94,6 +94,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     restore.add_argument("files", nargs="+", metavar="FILE", help="full snapshot, then its increments in order")
     restore.add_argument("--serial-log", metavar="FILE", help="write the guest console to FILE instead of stdout")
+    restore.add_argument("--paused", action="store_true", help="hold the guest until 'kvmcolo cont'")
     _add_control_option(restore, serve=True)
 
     for name, text in (("status", "show a running VMM's state"), ("stop", "pause a running VMM's guest"),
@@ -190,7 +191,7 @@ def _cmd_restore(args) -> int:
     machine = restore_machine(snaps, serial_output=serial_out, serial_input=True)
     log.info("restored %s (%d file%s); the guest continues", args.files[-1], len(args.files),
              "s" if len(args.files) > 1 else "")  # fmt: skip
-    return _serve(machine, args.control, serial_out)
+    return _serve(machine, args.control, serial_out, paused=args.paused)
 
 
 def _open_serial_log(path):
@@ -202,7 +203,7 @@ def _open_serial_log(path):
         raise UserError(f"cannot write serial log {path!r}: {e.strerror}")
 
 
-def _serve(machine, control_path, serial_out) -> int:
+def _serve(machine, control_path, serial_out, paused: bool = False) -> int:
     """Run a built machine with its control socket until the guest ends."""
     from kvmcolo import control
     from kvmcolo.vmm import Vmm
@@ -213,7 +214,7 @@ def _serve(machine, control_path, serial_out) -> int:
         machine.close()
         raise
     try:
-        result = vmm.run()
+        result = vmm.run(paused=paused)
     except KeyboardInterrupt:
         log.info("interrupted; stopping the guest")
         return INTERRUPTED_STATUS

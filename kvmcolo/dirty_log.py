@@ -56,11 +56,12 @@ def pages_array(page_numbers: list[int]):
 
 
 class DirtyLog:
-    def __init__(self, kvm: Kvm, vm_fd: int, memory: GuestMemory):
+    def __init__(self, kvm: Kvm, vm_fd: int, memory: GuestMemory, manual: bool = True):
+        """manual=False forces the legacy GET_DIRTY_LOG path (for measuring)."""
         self.memory = memory
         self.vm_fd = vm_fd
         wanted = lib.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | lib.KVM_DIRTY_LOG_INITIALLY_SET
-        self.manual = (kvm.check_extension("KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2") & wanted) == wanted
+        self.manual = manual and (kvm.check_extension("KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2") & wanted) == wanted
         if self.manual:
             cap = ffi.new("struct kvm_enable_cap *")
             cap.cap = lib.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2

@@ -211,6 +211,15 @@ class Machine:
             self._stdin_thread = threading.Thread(target=self._pump_stdin, name="serial-stdin", daemon=True)
             self._stdin_thread.start()
 
+    def start_paused(self) -> None:
+        """Start everything but hold the guest (resume() lets it run)."""
+        for v in self.vm.vcpus:
+            v.request_pause()
+        self.start()
+        self.vm.pause()
+        self.loop.pause()
+        self.paused = True
+
     def _pump_stdin(self) -> None:
         while self.vm.exit is None:
             try:

@@ -69,11 +69,13 @@ def decode(data, known: dict[bytes, int]) -> list[Section]:
     view = memoryview(data).cast("B")
     if len(view) < _HEADER.size:
         raise StateFormatError("truncated: no header")
-    magic, version, _ = _HEADER.unpack_from(view)
+    magic, version, header_flags = _HEADER.unpack_from(view)
     if magic != MAGIC:
         raise StateFormatError("not a kvmcolo state stream (bad magic)")
     if version != FORMAT_VERSION:
         raise StateFormatError(f"format version {version} is not supported (this kvmcolo reads {FORMAT_VERSION})")
+    if header_flags:
+        raise StateFormatError(f"unknown stream flags {header_flags:#x}")
     at = _HEADER.size
     sections = []
     while True:

@@ -93,6 +93,11 @@ class Snapshotter:
         self._host: vmstate.HostCaps | None = None
         self.last_id: str | None = None
 
+    def host_caps(self) -> vmstate.HostCaps:
+        if self._host is None:
+            self._host = vmstate.HostCaps.probe(self.machine.kvm, self.machine.vm.vcpus[0])
+        return self._host
+
     def take(self, path: str, incremental: bool = False) -> SnapshotResult:
         m = self.machine
         if incremental and self.last_id is None:
@@ -103,10 +108,9 @@ class Snapshotter:
             m.pause()
         try:
             if self._dirty_log is None:
-                self._host = vmstate.HostCaps.probe(m.kvm, m.vm.vcpus[0])
                 self._dirty_log = DirtyLog(m.kvm, m.vm.fd, m.vm.memory)
             kind = vmstate.KIND_INCREMENTAL if incremental else vmstate.KIND_FULL
-            cap = vmstate.capture(m, self._dirty_log, kind, self.last_id if incremental else None, self._host)
+            cap = vmstate.capture(m, self._dirty_log, kind, self.last_id if incremental else None, self.host_caps())
         finally:
             if not was_paused:
                 m.resume()

@@ -28,6 +28,7 @@ class Vmm:
                 "snapshot": self.snapshot,
                 "query-stats": self.query_stats,
                 "quit": self.quit,
+                "query-state-hash": self.query_state_hash,
             },
         )
 
@@ -65,6 +66,15 @@ class Vmm:
             "last_snapshot": self.snapshots.last_id,
         }
 
+    def query_state_hash(self) -> dict:
+        """Debug: hashes of all time-independent state (the guest must be stopped)."""
+        self._require_running_vm()
+        if not self.machine.paused:
+            raise CommandError("stop the guest first: state is only stable while it is paused")
+        from kvmcolo import vmstate
+
+        return vmstate.state_hashes(self.machine, self.snapshots.host_caps())
+
     def quit(self) -> QuitAfterReply:
         return QuitAfterReply(None, lambda: self.machine.vm.request_exit(0, "quit requested on the control socket"))
 
@@ -74,12 +84,16 @@ class Vmm:
 
     # ---- life ---------------------------------------------------------------
 
-    def run(self) -> VmExit:
-        """Serve the control socket and run the guest until it ends."""
+    def run(self, paused: bool = False) -> VmExit:
+        """Serve the control socket and run the guest until it ends
+        (paused: built and served, but held until 'cont')."""
         self.control.start()
         log.info("control socket: %s", self.control.path)
         try:
-            self.machine.start()
+            if paused:
+                self.machine.start_paused()
+            else:
+                self.machine.start()
             return self.machine.wait()
         finally:
             self.control.close()

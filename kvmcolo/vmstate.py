@@ -222,6 +222,45 @@ def _nonzero_pages(machine, dirty: list[RegionDirty]) -> list[RegionDirty]:
     return out
 
 
+# ---- fingerprints, for checking that two machines hold the same state --------
+
+# Pieces of state that move with time on their own even while the guest is
+# paused: the TSC MSR, the LAPIC timer's current count, the PIT's counters
+# and load time, and the VM clock.
+_TIME_DEPENDENT_MSRS = {0x10}
+_LAPIC_TIMER_CURRENT_COUNT = 0x390
+
+
+def state_hashes(machine, host: HostCaps) -> dict[str, str]:
+    """Hashes of every piece of state that does not move with time (guest
+    paused): RAM per region, VM interrupt controllers, each vCPU piece."""
+    import hashlib
+
+    def h(data) -> str:
+        return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+    out = {}
+    for r in machine.vm.memory.regions:
+        out[f"ram.{r.slot}"] = h(r.view)
+    vm_state = machine.vm.save_state()
+    for name in ("pic_master", "pic_slave", "ioapic"):
+        out[f"vm.{name}"] = h(vm_state[name])
+    entry = ffi.sizeof("struct kvm_msr_entry")
+    for v in machine.vm.vcpus:
+        state = v.save_state(host.msrs, host.xsave_size)
+        lapic = bytearray(state.pop("lapic"))
+        lapic[_LAPIC_TIMER_CURRENT_COUNT : _LAPIC_TIMER_CURRENT_COUNT + 4] = bytes(4)
+        state["lapic"] = bytes(lapic)
+        msrs = state.pop("msrs")
+        kept = b"".join(msrs[i : i + entry] for i in range(0, len(msrs), entry)
+                        if int.from_bytes(msrs[i : i + 4], "little") not in _TIME_DEPENDENT_MSRS)  # fmt: skip
+        state["msrs"] = kept
+        for name, blob in state.items():
+            out[f"vcpu{v.index}.{name}"] = h(blob)
+    out["devices"] = h(json.dumps(machine.save_devices(), sort_keys=True).encode())
+    return out
+
+
 # ---- reading and applying -------------------------------------------------------------
 
 
