@@ -69,3 +69,16 @@ def image_path(name: str) -> Path:
     if name not in names:
         raise UserError(f"no built-in image {name!r}; available: {', '.join(names)}")
     return build_dir() / f"{name}.elf"
+
+
+def symbol_address(name: str, symbol: str) -> int:
+    """Guest-physical address of a global in a built-in image (the images are
+    identity-mapped), e.g. the `dirty` guest's progress record `dirty_state`."""
+    from elftools.elf.elffile import ELFFile
+
+    with open(image_path(name), "rb") as f:
+        symtab = ELFFile(f).get_section_by_name(".symtab")
+        found = symtab.get_symbol_by_name(symbol) if symtab else None
+    if not found:
+        raise KeyError(f"{name}.elf has no symbol {symbol!r}")
+    return found[0]["st_value"]
