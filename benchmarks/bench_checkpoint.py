@@ -23,6 +23,8 @@ import sys
 import tempfile
 import time
 
+from report import pct, print_table  # noqa: E402
+
 from kvmcolo import guest_images, vmstate
 from kvmcolo.console_buffer import ConsoleBuffer
 from kvmcolo.dirty_log import DirtyLog
@@ -32,10 +34,6 @@ from kvmcolo.snapshot import Snapshotter, read_chain, restore_machine
 
 MEM = 256 << 20
 
-
-def pct(values, q):
-    values = sorted(values)
-    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
 
 
 def dirty_machine(pages: int, mem: int = MEM) -> tuple[Machine, ConsoleBuffer]:
@@ -115,7 +113,7 @@ def bench_dirty_log(manual: bool, mem: int, pages: int, rounds: int = 20) -> flo
 
 def bench_gather(pages: int) -> dict:
     """Bitmap scan + gather of `pages` scattered pages: C helpers vs Python."""
-    from kvmcolo.memory import GuestMemory
+    from kvmcolo.memory import GuestMemory, bitmap_pages
 
     mem = GuestMemory(MEM)
     try:
@@ -136,12 +134,7 @@ def bench_gather(pages: int) -> dict:
         c_time = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        value = int.from_bytes(bitmap, "little")
-        found = []
-        while value:
-            low = value & -value
-            found.append(low.bit_length() - 1)
-            value ^= low
+        found = bitmap_pages(bitmap)  # the best pure-Python scan we have
         view = r.view
         for i, p in enumerate(found):
             dst[i * 4096 : (i + 1) * 4096] = view[p * 4096 : (p + 1) * 4096]
@@ -199,11 +192,7 @@ def main() -> int:
                  f"{s['bytes'] >> 20} MiB"))  # fmt: skip
     rows.append(("restore to running (new machine, read + check + apply)", f"{s['restore_ms']:.0f} ms", ""))
 
-    w = max(len(r[0]) for r in rows)
-    print(f"{'benchmark':<{w}}  {'figure':>15}  detail")
-    print("-" * (w + 60))
-    for name, fig, detail in rows:
-        print(f"{name:<{w}}  {fig:>15}  {detail}")
+    print_table(rows, 15)
     return 0
 
 

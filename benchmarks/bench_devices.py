@@ -28,14 +28,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from guest_net import ECHO_PORT, GUEST_ADDR, UDP_PORT, NetsrvGuest  # noqa: E402
 
+from report import pct, print_table  # noqa: E402
+
 from kvmcolo import guest_images  # noqa: E402
 from kvmcolo.console_buffer import ConsoleBuffer  # noqa: E402
 from kvmcolo.machine import DiskSpec, Machine, MachineConfig  # noqa: E402
 
-
-def pct(values, q):
-    values = sorted(values)
-    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
 
 
 def bench_blk(mb: int, req: int, ioeventfd: bool) -> dict:
@@ -137,11 +135,7 @@ def main() -> int:
     rows.append(("TCP echo round trip, 64 bytes", f"p50 {n['p50']:.0f} us", f"p99 {n['p99']:.0f} us"))
     rows.append(("UDP echo, 64-byte packets, 16 in flight", f"{n['udp_pps']:,.0f} /s", f"{n['udp_lost']} lost"))
 
-    w = max(len(r[0]) for r in rows)
-    print(f"{'benchmark':<{w}}  {'figure':>14}  detail")
-    print("-" * (w + 50))
-    for name, fig, detail in rows:
-        print(f"{name:<{w}}  {fig:>14}  {detail}")
+    print_table(rows, 14)
     return 0
 
 

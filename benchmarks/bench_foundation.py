@@ -16,6 +16,8 @@ import subprocess
 import sys
 import time
 
+from report import pct, print_table  # noqa: E402
+
 from kvmcolo import guest_images
 from kvmcolo.console_buffer import ConsoleBuffer
 from kvmcolo.machine import Machine, MachineConfig
@@ -25,11 +27,6 @@ def machine(image: str, args: str, cpus: int = 1) -> tuple[Machine, ConsoleBuffe
     sink = ConsoleBuffer()
     m = Machine(MachineConfig(kernel=str(guest_images.image_path(image)), cmdline=args, cpus=cpus, serial_output=sink))
     return m, sink
-
-
-def pct(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
 
 
 def bench_exits(count: int) -> dict:
@@ -110,11 +107,7 @@ def main() -> int:
     c = bench_cpl3(a.iters)
     rows.append(("CPL3 loop, guest / native time", f"{c['ratio']:.3f}", f"{c['guest_cycles']:,} vs {c['native_cycles']:,} cycles"))
 
-    w = max(len(r[0]) for r in rows)
-    print(f"{'benchmark':<{w}}  {'figure':>16}  detail")
-    print("-" * (w + 40))
-    for name, fig, detail in rows:
-        print(f"{name:<{w}}  {fig:>16}  {detail}")
+    print_table(rows, 16)
     return 0
 
 

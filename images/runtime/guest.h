@@ -49,6 +49,9 @@ const char *cmdline(void);
 /* Decimal or 0x hex, optional K/M/G suffix (x1024); bad value -> exit 2. */
 u64 arg_u64(const char *key, u64 dflt);
 const char *arg_str(const char *key, const char *dflt);
+/* The number at *pp (before end): decimal or 0x hex, with an optional K/M/G
+ * suffix (x1024) if `suffix`.  Advances *pp past it; 0, or -1 if malformed. */
+int parse_u64(const char **pp, const char *end, u64 *out, int suffix);
 
 /* ---- machine ---- */
 int ncpus(void);

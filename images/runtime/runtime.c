@@ -177,20 +177,18 @@ const char *arg_str(const char *key, const char *dflt)
         return find_arg(key, v, sizeof(vals[0])) ? v : dflt;
 }
 
-u64 arg_u64(const char *key, u64 dflt)
+/* Number at *pp: 0x hex or decimal; optional K/M/G suffix if `suffix`. */
+int parse_u64(const char **pp, const char *end, u64 *out, int suffix)
 {
-        char v[64];
-        if (!find_arg(key, v, sizeof(v)))
-                return dflt;
-        const char *p = v;
+        const char *p = *pp;
         unsigned base = 10;
-        if (p[0] == '0' && (p[1] == 'x' || p[1] == 'X')) {
+        if (end - p > 2 && p[0] == '0' && (p[1] == 'x' || p[1] == 'X')) {
                 base = 16;
                 p += 2;
         }
         u64 x = 0;
         int digits = 0;
-        for (;; p++) {
+        for (; p < end; p++) {
                 unsigned d;
                 if (*p >= '0' && *p <= '9')
                         d = (unsigned)(*p - '0');
@@ -201,21 +199,41 @@ u64 arg_u64(const char *key, u64 dflt)
                 else
                         break;
                 if (x > (~0ull - d) / base)
-                        bad_value(key, v);
+                        return -1;
                 x = x * base + d;
                 digits++;
         }
         if (!digits)
-                bad_value(key, v);
-        unsigned shift = 0;
-        switch (*p) {
-        case 'k': case 'K': shift = 10; p++; break;
-        case 'm': case 'M': shift = 20; p++; break;
-        case 'g': case 'G': shift = 30; p++; break;
+                return -1;
+        if (suffix && p < end) {
+                unsigned shift = 0;
+                switch (*p) {
+                case 'k': case 'K': shift = 10; break;
+                case 'm': case 'M': shift = 20; break;
+                case 'g': case 'G': shift = 30; break;
+                }
+                if (shift) {
+                        if (x > (~0ull >> shift))
+                                return -1;
+                        x <<= shift;
+                        p++;
+                }
         }
-        if (*p || (shift && x > (~0ull >> shift)))
+        *pp = p;
+        *out = x;
+        return 0;
+}
+
+u64 arg_u64(const char *key, u64 dflt)
+{
+        char v[64];
+        if (!find_arg(key, v, sizeof(v)))
+                return dflt;
+        const char *p = v;
+        u64 x;
+        if (parse_u64(&p, v + strlen(v), &x, 1) || *p)
                 bad_value(key, v);
-        return x << shift;
+        return x;
 }
 
 /* ---- machine info ---- */

@@ -13,52 +13,6 @@ static int table_n = -1;        /* -1: command line not parsed yet */
 
 static int is_space(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r'; }
 
-/* Number at *pp: 0x hex or decimal; optional K/M/G suffix if `suffix`. */
-static int parse_num(const char **pp, const char *end, u64 *out, int suffix)
-{
-        const char *p = *pp;
-        unsigned base = 10;
-        if (end - p > 2 && p[0] == '0' && (p[1] == 'x' || p[1] == 'X')) {
-                base = 16;
-                p += 2;
-        }
-        u64 x = 0;
-        int digits = 0;
-        for (; p < end; p++) {
-                unsigned d;
-                if (*p >= '0' && *p <= '9')
-                        d = (unsigned)(*p - '0');
-                else if (base == 16 && *p >= 'a' && *p <= 'f')
-                        d = (unsigned)(*p - 'a' + 10);
-                else if (base == 16 && *p >= 'A' && *p <= 'F')
-                        d = (unsigned)(*p - 'A' + 10);
-                else
-                        break;
-                if (x > (~0ull - d) / base)
-                        return -1;
-                x = x * base + d;
-                digits++;
-        }
-        if (!digits)
-                return -1;
-        if (suffix && p < end) {
-                unsigned shift = 0;
-                switch (*p) {
-                case 'k': case 'K': shift = 10; break;
-                case 'm': case 'M': shift = 20; break;
-                case 'g': case 'G': shift = 30; break;
-                }
-                if (shift) {
-                        if (x > (~0ull >> shift))
-                                return -1;
-                        x <<= shift;
-                        p++;
-                }
-        }
-        *pp = p;
-        *out = x;
-        return 0;
-}
 
 static void bad_word(const char *w, const char *end)
 {
@@ -89,11 +43,11 @@ static void parse_table(void)
                         continue;
                 const char *q = w + klen;
                 u64 size, base, irq, id;
-                if (parse_num(&q, p, &size, 1) || q >= p || *q++ != '@' ||
-                    parse_num(&q, p, &base, 0) || q >= p || *q++ != ':' ||
-                    parse_num(&q, p, &irq, 0))
+                if (parse_u64(&q, p, &size, 1) || q >= p || *q++ != '@' ||
+                    parse_u64(&q, p, &base, 0) || q >= p || *q++ != ':' ||
+                    parse_u64(&q, p, &irq, 0))
                         bad_word(w, p);
-                if (q < p && (*q++ != ':' || parse_num(&q, p, &id, 0)))
+                if (q < p && (*q++ != ':' || parse_u64(&q, p, &id, 0)))
                         bad_word(w, p);
                 if (q != p || size < 0x100 || base >= 0x100000000ull || irq > 255)
                         bad_word(w, p);
