@@ -153,6 +153,8 @@ ffibuilder.cdef(
     void kvmcolo_gather_pages(const uint8_t *base, const uint32_t *pages, size_t n, uint8_t *dst);
     void kvmcolo_scatter_pages(uint8_t *base, const uint32_t *pages, size_t n, const uint8_t *src);
     size_t kvmcolo_nonzero_pages(const uint8_t *base, size_t npages, uint32_t *out);
+    void kvmcolo_copy_pages(uint8_t *dst, const uint8_t *src, const uint32_t *pages, size_t n);
+    void kvmcolo_bitmap_set_pages(uint64_t *bitmap, const uint32_t *pages, size_t n);
     """
     + "".join(f"#define {name} ...\n" for name in IOCTLS + CONSTANTS + EXIT_REASONS)
 )
@@ -284,6 +286,22 @@ size_t kvmcolo_nonzero_pages(const uint8_t *base, size_t npages, uint32_t *out)
             }
     }
     return n;
+}
+
+/* The listed pages from one mapping to the same pages of another (the
+   COLO secondary: RAM cache -> SVM RAM). */
+void kvmcolo_copy_pages(uint8_t *dst, const uint8_t *src, const uint32_t *pages, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        size_t at = (size_t)pages[i] << 12;
+        memcpy(dst + at, src + at, 4096);
+    }
+}
+
+void kvmcolo_bitmap_set_pages(uint64_t *bitmap, const uint32_t *pages, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        bitmap[pages[i] >> 6] |= 1ull << (pages[i] & 63);
 }
 
 /* The inverse: consecutive pages of `src` to the listed pages of `base`. */

@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import signal
+import time
 import sys
 
 from kvmcolo import __version__
@@ -68,22 +69,38 @@ def _build_parser() -> argparse.ArgumentParser:
         "  kvmcolo run --kernel ./vmlinux --cmdline 'console=ttyS0' --mem 512M",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    what = run.add_mutually_exclusive_group(required=True)
-    what.add_argument("--kernel", metavar="PATH", help="PVH ELF kernel to boot")
-    what.add_argument("--image", metavar="NAME", help="built-in tiny guest (see 'kvmcolo images')")
-    run.add_argument("--cmdline", default="", metavar="S", help="kernel command line")
-    run.add_argument("--mem", default="256M", metavar="SIZE", help="guest RAM, e.g. 256M or 1G (default 256M)")
-    run.add_argument("--cpus", default=1, type=int, metavar="N", help="number of vCPUs (default 1)")
-    run.add_argument("--initrd", metavar="PATH", help="initrd / module handed to the kernel")
-    run.add_argument("--serial-log", metavar="FILE", help="write the guest console to FILE instead of stdout")
-    run.add_argument("--disk", action="append", default=[], metavar="PATH[,ro]",
-                     help="virtio-blk disk backed by a raw image file (repeatable); ',ro' makes it read-only")
-    run.add_argument("--net", action="append", default=[], metavar="tap[=NAME][,mac=MAC]",
-                     help="virtio-net on a tap device (repeatable): an existing tap NAME, or a new one "
-                     "(removed at exit); default MAC 52:54:00:12:34:56")
-    run.add_argument("--no-ioeventfd", dest="ioeventfd", action="store_false",
-                     help="take queue notifications as MMIO exits instead of in-kernel ioeventfds (for measuring)")
+    _add_vm_options(run, kernel_required=True)
     _add_control_option(run, serve=True)
+
+    boot = sub.add_parser(
+        "boot",
+        help="run a guest under COLO, as the primary or the secondary",
+        description="Run one guest on two hosts in lock-step (COLO). Start the secondary first "
+        "(it waits for the primary), then the primary with the same VM options; the primary "
+        "boots the guest, copies it to the secondary and checkpoints it from then on. If either "
+        "host dies, the other goes on alone.",
+        epilog="Example (the same key file on both hosts):\n"
+        "  hostB# kvmcolo boot --secondary --listen 0.0.0.0:7777 --key-file /etc/kvmcolo.key --image dirty\n"
+        "  hostA# kvmcolo boot --primary --peer hostB:7777 --key-file /etc/kvmcolo.key --image dirty",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    role = boot.add_mutually_exclusive_group(required=True)
+    role.add_argument("--primary", action="store_true", help="boot the guest and checkpoint it to --peer")
+    role.add_argument("--secondary", action="store_true", help="wait on --listen for the primary and follow it")
+    boot.add_argument("--peer", metavar="HOST:PORT", help="the secondary's replication address (primary)")
+    boot.add_argument("--listen", metavar="HOST:PORT", help="address to wait for the primary on (secondary)")
+    boot.add_argument("--key-file", required=True, metavar="FILE", help="shared secret (>= 16 bytes), same on both hosts")
+    boot.add_argument("--checkpoint-delay", type=float, default=100, metavar="MS",
+                      help="checkpoint at least this often, in ms (default 100)")
+    boot.add_argument("--heartbeat-interval", type=float, default=100, metavar="MS", help="default 100 ms")
+    boot.add_argument("--heartbeat-timeout", type=float, default=1000, metavar="MS",
+                      help="peer declared lost after this much silence (default 1000 ms)")
+    boot.add_argument("--no-resume-early", dest="resume_early", action="store_false",
+                      help="keep the primary paused until the secondary has loaded each checkpoint")
+    boot.add_argument("--verify-every", type=int, default=0, metavar="N", help=argparse.SUPPRESS)
+    boot.add_argument("--debug-stall-ms", type=int, default=0, metavar="MS", help=argparse.SUPPRESS)
+    _add_vm_options(boot, kernel_required=False)
+    _add_control_option(boot, serve=True)
 
     restore = sub.add_parser(
         "restore",
@@ -99,7 +116,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
     for name, text in (("status", "show a running VMM's state"), ("stop", "pause a running VMM's guest"),
                        ("cont", "resume a paused guest"), ("stats", "show a running VMM's counters"),
-                       ("quit", "end a running VMM")):  # fmt: skip
+                       ("quit", "end a running VMM"), ("failover", "declare the COLO peer lost and go on alone"),
+                       ("checkpoint", "ask a COLO primary for a checkpoint now")):  # fmt: skip
         _add_control_option(sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + "."))
     snap = sub.add_parser("snapshot", help="write a snapshot of a running VMM",
                           description="Write a snapshot of a running VMM's guest to FILE (atomically). The "
@@ -107,11 +125,29 @@ def _build_parser() -> argparse.ArgumentParser:
     snap.add_argument("file", metavar="FILE")
     snap.add_argument("--incremental", action="store_true", help="only pages dirtied since the previous snapshot")
     _add_control_option(snap)
-    run.add_argument("guest_args", nargs="*", metavar="-- PARAM", help="words appended to the command line")
 
     sub.add_parser("images", help="build the built-in tiny guests and list them",
                    description="Build (if needed) and list the built-in tiny guests.")  # fmt: skip
     return p
+
+
+def _add_vm_options(parser, kernel_required: bool) -> None:
+    what = parser.add_mutually_exclusive_group(required=kernel_required)
+    what.add_argument("--kernel", metavar="PATH", help="PVH ELF kernel to boot")
+    what.add_argument("--image", metavar="NAME", help="built-in tiny guest (see 'kvmcolo images')")
+    parser.add_argument("--cmdline", default="", metavar="S", help="kernel command line")
+    parser.add_argument("--mem", default="256M", metavar="SIZE", help="guest RAM, e.g. 256M or 1G (default 256M)")
+    parser.add_argument("--cpus", default=1, type=int, metavar="N", help="number of vCPUs (default 1)")
+    parser.add_argument("--initrd", metavar="PATH", help="initrd / module handed to the kernel")
+    parser.add_argument("--serial-log", metavar="FILE", help="write the guest console to FILE instead of stdout")
+    parser.add_argument("--disk", action="append", default=[], metavar="PATH[,ro]",
+                        help="virtio-blk disk backed by a raw image file (repeatable); ',ro' makes it read-only")
+    parser.add_argument("--net", action="append", default=[], metavar="tap[=NAME][,mac=MAC]",
+                        help="virtio-net on a tap device (repeatable): an existing tap NAME, or a new one "
+                        "(removed at exit); default MAC 52:54:00:12:34:56")
+    parser.add_argument("--no-ioeventfd", dest="ioeventfd", action="store_false",
+                        help="take queue notifications as MMIO exits instead of in-kernel ioeventfds (for measuring)")
+    parser.add_argument("guest_args", nargs="*", metavar="-- PARAM", help="words appended to the command line")
 
 
 def _add_control_option(parser, serve: bool = False) -> None:
@@ -163,24 +199,89 @@ def _cmd_images(args) -> int:
     return 0
 
 
-def _cmd_run(args) -> int:
+def _machine_config(args, boot_kernel: bool = True):
     from kvmcolo import guest_images
-    from kvmcolo.machine import Machine, MachineConfig
+    from kvmcolo.machine import MachineConfig
 
     if args.cpus < 1:
         raise UserError(f"--cpus must be at least 1, got {args.cpus}")
     mem = parse_size(args.mem)
-    kernel = str(guest_images.image_path(args.image)) if args.image else args.kernel
+    kernel = ""
+    if args.image:
+        kernel = str(guest_images.image_path(args.image)) if boot_kernel else args.image
+    elif args.kernel:
+        kernel = args.kernel
     cmdline = " ".join([args.cmdline, *args.guest_args]).strip()
-    serial_out = _open_serial_log(args.serial_log)
-    config = MachineConfig(kernel=kernel, cmdline=cmdline, mem_size=mem, cpus=args.cpus,
-                           initrd=args.initrd, serial_output=serial_out, serial_input=True,
-                           disks=[parse_disk(d) for d in args.disk], nets=[parse_net(n) for n in args.net],
-                           ioeventfd=args.ioeventfd)  # fmt: skip
+    return MachineConfig(kernel=kernel, cmdline=cmdline, mem_size=mem, cpus=args.cpus,
+                         initrd=args.initrd, serial_output=_open_serial_log(args.serial_log), serial_input=True,
+                         disks=[parse_disk(d) for d in args.disk], nets=[parse_net(n) for n in args.net],
+                         ioeventfd=args.ioeventfd)  # fmt: skip
+
+
+def _cmd_run(args) -> int:
+    from kvmcolo.machine import Machine
+
+    config = _machine_config(args)
     machine = Machine(config)
-    log.info("booting %s: %d MiB, %d vCPU%s, cmdline %r", kernel, mem >> 20, args.cpus,
-             "s" if args.cpus > 1 else "", cmdline)  # fmt: skip
-    return _serve(machine, args.control, serial_out)
+    log.info("booting %s: %d MiB, %d vCPU%s, cmdline %r", config.kernel, config.mem_size >> 20, config.cpus,
+             "s" if config.cpus > 1 else "", config.cmdline)  # fmt: skip
+    return _serve(machine, args.control, config.serial_output)
+
+
+def _address(text: str, option: str) -> tuple[str, int]:
+    host, sep, port = (text or "").rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UserError(f"{option} needs HOST:PORT, got {text!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def _cmd_boot(args) -> int:
+    from kvmcolo import control, wire
+    from kvmcolo.colo_session import ColoOptions
+    from kvmcolo.machine import Machine
+    from kvmcolo.vmm import Vmm
+
+    if args.primary and not args.peer:
+        raise UserError("boot --primary needs --peer HOST:PORT (the secondary)")
+    if args.secondary and not args.listen:
+        raise UserError("boot --secondary needs --listen HOST:PORT")
+    if args.primary and not (args.kernel or args.image):
+        raise UserError("boot --primary needs --kernel or --image")
+    for name in ("checkpoint_delay", "heartbeat_interval", "heartbeat_timeout"):
+        if getattr(args, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive")
+    if args.heartbeat_timeout <= args.heartbeat_interval:
+        raise UserError("--heartbeat-timeout must be longer than --heartbeat-interval")
+    key = wire.load_key(args.key_file)
+    options = ColoOptions(checkpoint_delay=args.checkpoint_delay / 1000, heartbeat_interval=args.heartbeat_interval / 1000,
+                          heartbeat_timeout=args.heartbeat_timeout / 1000, resume_early=args.resume_early,
+                          verify_every=args.verify_every, debug_stall_ms=args.debug_stall_ms)  # fmt: skip
+    config = _machine_config(args, boot_kernel=args.primary)
+    machine = Machine(config, boot_kernel=args.primary)
+    try:
+        if args.primary:
+            from kvmcolo.colo_primary import ColoPrimary
+
+            colo = ColoPrimary(machine, _address(args.peer, "--peer"), key, options)
+        else:
+            from kvmcolo.colo_secondary import ColoSecondary
+
+            colo = ColoSecondary(machine, _address(args.listen, "--listen"), key, options)
+        vmm = Vmm(machine, args.control or control.default_path(), colo)
+    except BaseException:
+        machine.close()
+        raise
+    try:
+        result = vmm.run_colo_primary() if args.primary else vmm.run_colo_secondary()
+    except KeyboardInterrupt:
+        log.info("interrupted; stopping the guest")
+        return INTERRUPTED_STATUS
+    finally:
+        machine.close()
+        if config.serial_output is not None:
+            config.serial_output.close()
+    (log.error if result.failed else log.info)("%s", result.reason)
+    return result.status
 
 
 def _cmd_restore(args) -> int:
@@ -240,14 +341,29 @@ def _cmd_client(args) -> int:
         print(f"{result['kind']} snapshot {result['path']}: {result['pages']} pages, {result['bytes']} bytes, "
               f"guest paused {result['pause_ms']:.1f} ms")  # fmt: skip
         return 0
-    command = {"status": "query-status", "stats": "query-stats"}.get(args.command, args.command)
+    command = {"status": "query-status", "stats": "query-stats", "failover": "colo-failover"}.get(args.command,
+                                                                                                args.command)
     result = control.call(path, command)
     if args.command == "status":
         print(f"{result['status']}  pid {result['pid']}  {result['vcpus']} vCPUs  {result['memory_mib']} MiB  "
               f"up {result['uptime_s']:.1f} s")  # fmt: skip
+        if "colo" in result:
+            _print_colo(control.call(path, "query-colo"))
     elif result is not None:
         print(json.dumps(result, indent=2))
     return 0
+
+
+def _print_colo(c: dict) -> None:
+    print(f"COLO {c['role']}: {c['state']}, peer {c['peer']}, {c['checkpoints']} checkpoints "
+          f"(reasons: {', '.join(f'{k} {v}' for k, v in c['reasons'].items()) or 'none'})")  # fmt: skip
+    if c["recent"]:
+        print("  seq  reason        pause ms  dirty pages      bytes  transfer ms  load ms")
+        for r in c["recent"][-5:]:
+            print(f"  {r['seq']:>3}  {r['reason'][:12]:12}  {r['pause_ms']:8.2f}  {r['dirty_pages']:11}  "
+                  f"{r['bytes']:9}  {r['transfer_ms']:11.2f}  {r['load_ms']:7.2f}")  # fmt: skip
+    for f in c["failovers"]:
+        print(f"  failover at {time.strftime('%H:%M:%S', time.localtime(f['time']))}: {f['kind']} ({f['reason']})")
 
 
 def _setup_logging(args) -> None:
@@ -271,7 +387,9 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_images(args)
         if args.command == "restore":
             return _cmd_restore(args)
-        if args.command in ("status", "stop", "cont", "stats", "quit", "snapshot"):
+        if args.command == "boot":
+            return _cmd_boot(args)
+        if args.command in ("status", "stop", "cont", "stats", "quit", "snapshot", "failover", "checkpoint"):
             return _cmd_client(args)
         _build_parser().print_help()
         return USER_ERROR_STATUS

@@ -32,6 +32,8 @@ class RegionDirty:
     pages: object  # cffi uint32_t[] of page numbers within the region, ascending;
     # reused by the next DirtyLog.collect(), so consume it before then
     count: int
+    bitmap: object = None  # the same set as a KVM-layout cffi uint64_t[] (from collect())
+    words: int = 0
 
     def page_list(self) -> list[int]:
         return list(ffi.unpack(self.pages, self.count))
@@ -40,6 +42,15 @@ class RegionDirty:
         """Copy the pages, in order, into `dst` (a buffer of count * 4 KiB)."""
         src = ffi.cast("uint8_t *", self.region.host_addr)
         lib.kvmcolo_gather_pages(src, self.pages, self.count, ffi.from_buffer(dst, require_writable=True))
+
+
+def merge_and_copy(dirty: RegionDirty, extra_pages, extra_count: int, dst: Region, src_addr: int) -> int:
+    """Add `extra_pages` to `dirty`'s set, then copy every page of the union
+    from the mapping at `src_addr` to `dst`.  Returns the pages copied."""
+    lib.kvmcolo_bitmap_set_pages(dirty.bitmap, extra_pages, extra_count)
+    count = lib.kvmcolo_bitmap_pages(dirty.bitmap, dirty.words, dirty.pages)
+    lib.kvmcolo_copy_pages(ffi.cast("uint8_t *", dst.host_addr), ffi.cast("uint8_t *", src_addr), dirty.pages, count)
+    return count
 
 
 def scatter_pages(region: Region, pages, count: int, src) -> None:
@@ -98,7 +109,7 @@ class DirtyLog:
             if vmm_maps is not None:
                 lib.kvmcolo_bitmap_or(bitmap, ffi.from_buffer("uint64_t[]", vmm_maps[i]), words)
             count = lib.kvmcolo_bitmap_pages(bitmap, words, self._pages[i])
-            out.append(RegionDirty(r, self._pages[i], count))
+            out.append(RegionDirty(r, self._pages[i], count, bitmap, words))
         return out
 
     def stop(self) -> None:

@@ -162,7 +162,7 @@ def restore_machine(snaps: list[vmstate.Snapshot], **config_overrides):
             if img.size != disk["size"]:
                 raise UserError(f"disk {disk['path']!r} is {img.size} bytes now, {disk['size']} when snapshotted")
         for s in snaps:
-            vmstate.apply_ram(machine, s)
+            vmstate.apply_ram(machine.vm.memory, s)
         vmstate.apply(machine, snaps[-1])
     except BaseException:
         machine.close()

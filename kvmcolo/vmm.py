@@ -15,8 +15,9 @@ log = logging.getLogger(__name__)
 
 
 class Vmm:
-    def __init__(self, machine, control_path: str):
+    def __init__(self, machine, control_path: str, colo=None):
         self.machine = machine
+        self.colo = colo  # a ColoPrimary or ColoSecondary, or None
         self.snapshots = Snapshotter(machine)
         self.started = time.monotonic()
         self.control = ControlServer(
@@ -29,6 +30,9 @@ class Vmm:
                 "query-stats": self.query_stats,
                 "quit": self.quit,
                 "query-state-hash": self.query_state_hash,
+                "query-colo": self.query_colo,
+                "colo-failover": self.colo_failover,
+                "checkpoint": self.checkpoint,
             },
         )
 
@@ -37,8 +41,33 @@ class Vmm:
     def query_status(self) -> dict:
         m = self.machine
         status = "exited" if m.vm.exit is not None else ("paused" if m.paused else "running")
-        return {"status": status, "pid": os.getpid(), "vcpus": len(m.vm.vcpus), "memory_mib": m.config.mem_size >> 20,
-                "uptime_s": round(time.monotonic() - self.started, 3)}  # fmt: skip
+        out = {"status": status, "pid": os.getpid(), "vcpus": len(m.vm.vcpus), "memory_mib": m.config.mem_size >> 20,
+               "uptime_s": round(time.monotonic() - self.started, 3)}  # fmt: skip
+        if self.colo is not None:
+            c = self.colo.status
+            out["colo"] = {"role": c.role, "state": c.state, "peer": c.peer, "checkpoints": c.checkpoints}
+        return out
+
+    def query_colo(self) -> dict:
+        if self.colo is None:
+            raise CommandError("this VMM is not running COLO")
+        return self.colo.status.as_dict()
+
+    def colo_failover(self) -> dict:
+        """Declare the peer lost now (QEMU's x-colo-lost-heartbeat)."""
+        if self.colo is None:
+            raise CommandError("this VMM is not running COLO")
+        if hasattr(self.colo, "fail_over"):
+            self.colo.fail_over("failover requested on the control socket")
+        else:
+            self.colo.failover("failover requested on the control socket")
+        return self.colo.status.as_dict()
+
+    def checkpoint(self) -> dict:
+        if self.colo is None or not hasattr(self.colo, "request_checkpoint"):
+            raise CommandError("checkpoints are taken by a COLO primary")
+        self.colo.request_checkpoint("requested on the control socket")
+        return {"requested": True}
 
     def stop(self) -> dict:
         self._require_running_vm()
@@ -96,4 +125,33 @@ class Vmm:
                 self.machine.start()
             return self.machine.wait()
         finally:
+            self.control.close()
+
+    def run_colo_primary(self) -> VmExit:
+        """Connect, make the initial copy, then run the guest with checkpoints."""
+        self.control.start()
+        log.info("control socket: %s", self.control.path)
+        try:
+            self.colo.connect()
+            self.colo.initial_copy()
+            self.colo.start()
+            self.machine.start()
+            result = self.machine.wait()
+            self.colo.goodbye(result.status, result.reason)
+            return result
+        finally:
+            self.colo.close()
+            self.control.close()
+
+    def run_colo_secondary(self) -> VmExit:
+        """Wait for the primary, adopt its initial copy, run the SVM under checkpoints."""
+        self.control.start()
+        log.info("control socket: %s", self.control.path)
+        try:
+            self.colo.wait_for_primary()
+            self.machine.start()
+            self.colo.start()
+            return self.machine.wait()
+        finally:
+            self.colo.close()
             self.control.close()

@@ -305,10 +305,12 @@ def check_chain(snaps: list[Snapshot]) -> None:
             raise IncompatibleState("snapshots of a chain describe different machines")
 
 
-def apply_ram(machine, snap: Snapshot) -> None:
+def apply_ram(memory, snap: Snapshot) -> None:
+    """Write a snapshot's pages into `memory` (a machine's RAM, or the COLO
+    secondary's RAM cache)."""
     from kvmcolo.dirty_log import scatter_pages
 
-    regions = {r.slot: r for r in machine.vm.memory.regions}
+    regions = {r.slot: r for r in memory.regions}
     for slot, size, pages, count, data in snap.ram:
         r = regions.get(slot)
         if r is None or r.size != size:

@@ -149,7 +149,7 @@ def test_vmm_written_pages_are_in_incremental_snapshots(images):
                        boot_kernel=False)  # fmt: skip
     try:
         for s in snaps:
-            vmstate.apply_ram(restored, s)
+            vmstate.apply_ram(restored.vm.memory, s)
         assert restored.vm.memory.read(0x800000, len(dma)) == dma
     finally:
         restored.close()

@@ -1,0 +1,283 @@
+"""Layer 4: the COLO primary — runs the guest, takes checkpoints, sends them.
+
+Threads: the checkpoint loop (timer or request triggers one), a receiver
+that reads every frame from the secondary (heartbeats only refresh
+liveness; replies go to an inbox), and the heartbeat sender.  Losing the
+secondary at any point — silence past the heartbeat timeout, a closed or
+broken connection, a frame that fails authentication — means: stop taking
+checkpoints, make sure the guest is running, and go on alone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import socket
+import threading
+import time
+
+from kvmcolo import sections, vmstate
+from kvmcolo.colo import Act, Msg, PrimaryCore, ProtocolError
+from kvmcolo.colo_session import CheckpointRecord, ColoOptions, ColoStatus, Heartbeat, config_message
+from kvmcolo.dirty_log import DirtyLog
+from kvmcolo.errors import UserError
+from kvmcolo.wire import Channel, ChannelError, client_handshake
+
+log = logging.getLogger("kvmcolo.colo")
+
+
+class SecondaryLost(Exception):
+    pass
+
+
+class ColoPrimary:
+    def __init__(self, machine, peer: tuple[str, int], key: bytes, options: ColoOptions):
+        self.machine = machine
+        self.peer = peer
+        self.key = key
+        self.options = options
+        self.status = ColoStatus("primary")
+        self.status.peer = f"{peer[0]}:{peer[1]}"
+        self.core = PrimaryCore(options.resume_early)
+        self.channel: Channel | None = None
+        self._inbox: queue.Queue = queue.Queue()
+        self._trigger = threading.Event()
+        self._reason = "timer"
+        self._lost = threading.Event()
+        self._stopping = threading.Event()
+        self._paused_by_us = False
+        self._lock = threading.Lock()
+        self._seq = 0
+        self._heartbeat: Heartbeat | None = None
+        self._ram_buffer = bytearray()
+        self.output_listeners: list = []  # called with "release" after VMSTATE_RECEIVED (network comparator)
+        self.dirty_log: DirtyLog | None = None
+        self.host: vmstate.HostCaps | None = None
+
+    # ---- start-up -------------------------------------------------------------
+
+    def connect(self, timeout: float = 60.0) -> None:
+        """Connect (retrying until `timeout`), authenticate, agree on the machine."""
+        deadline = time.monotonic() + timeout
+        addr = f"{self.peer[0]}:{self.peer[1]}"
+        while True:
+            try:
+                sock = socket.create_connection(self.peer, timeout=2)
+                break
+            except OSError as e:
+                if time.monotonic() > deadline:
+                    raise UserError(f"cannot reach the secondary at {addr}: {e.strerror or e}")
+                time.sleep(0.2)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            self.channel = client_handshake(sock, self.key, "primary", addr, self.options.heartbeat_timeout * 5)
+        except ChannelError as e:
+            sock.close()
+            raise UserError(f"replication handshake with {addr} failed: {e}")
+        m = self.machine
+        self.host = vmstate.HostCaps.probe(m.kvm, m.vm.vcpus[0])
+        self.channel.send(Msg.CONFIG, [config_message(m, self.host.as_meta(), self.options)])
+        mtype, payload = self.channel.recv()
+        if mtype == Msg.CONFIG_REFUSED:
+            raise UserError(f"the secondary refused this VM: {bytes(payload).decode()}")
+        if mtype != Msg.CONFIG_OK:
+            raise UserError(f"the secondary answered {mtype} to CONFIG")
+        log.info("connected to the secondary at %s", addr)
+
+    def initial_copy(self) -> None:
+        """The first full copy, before the guest first runs: RAM, vCPU, VM and
+        device state.  Returns when the secondary has loaded it."""
+        m = self.machine
+        self.dirty_log = DirtyLog(m.kvm, m.vm.fd, m.vm.memory)
+        cap = vmstate.capture(m, self.dirty_log, vmstate.KIND_FULL, None, self.host)
+        parts = sections.encode(cap.sections)
+        total = sections.encoded_size(parts)
+        next_report = [0.0]
+
+        def progress(sent: int, size: int) -> None:
+            if sent / size >= next_report[0]:
+                log.info("initial copy: %d of %d MiB sent", sent >> 20, size >> 20)
+                next_report[0] += 0.25
+
+        t0 = time.perf_counter()
+        self.channel.timeout = max(self.channel.timeout, 60)
+        self.channel.send(Msg.INITIAL_STATE, parts, progress)
+        mtype, _ = self.channel.recv()
+        if mtype != Msg.VMSTATE_LOADED:
+            raise UserError(f"the secondary answered {mtype} to the initial copy")
+        self.channel.sock.settimeout(self.options.heartbeat_timeout)
+        self.channel.timeout = self.options.heartbeat_timeout
+        log.info("initial copy done: %d pages, %.1f MiB in %.2f s; COLO is running", cap.dirty_pages,
+                 total / (1 << 20), time.perf_counter() - t0)  # fmt: skip
+        self.status.state = "colo"
+
+    def start(self) -> None:
+        self._heartbeat = Heartbeat(self.channel, self.options.heartbeat_interval, self._lose)
+        self._heartbeat.start()
+        threading.Thread(target=self._receive, name="colo-recv", daemon=True).start()
+        threading.Thread(target=self._loop, name="colo-checkpoints", daemon=True).start()
+
+    # ---- public controls ---------------------------------------------------------
+
+    def request_checkpoint(self, reason: str) -> None:
+        """Ask for a checkpoint as soon as possible (comparator, control socket)."""
+        self._reason = reason
+        self._trigger.set()
+
+    def failover(self, reason: str = "requested") -> None:
+        """Give up the secondary and go on alone (like x-colo-lost-heartbeat)."""
+        self._lose(reason)
+
+    def goodbye(self, status: int, reason: str) -> None:
+        """The guest ended: tell the secondary to end too."""
+        self._stopping.set()
+        if self.channel is not None and not self._lost.is_set():
+            try:
+                self.channel.send(Msg.GOODBYE, [json.dumps({"status": status, "reason": reason}).encode()])
+            except ChannelError:
+                pass
+        self.close()
+
+    def close(self) -> None:
+        self._stopping.set()
+        if self._heartbeat:
+            self._heartbeat.stop()
+        if self.channel is not None:
+            self.channel.close()
+
+    # ---- threads --------------------------------------------------------------------
+
+    def _receive(self) -> None:
+        try:
+            while not self._lost.is_set():
+                mtype, _ = self.channel.recv()
+                if mtype != Msg.HEARTBEAT:
+                    self._inbox.put(mtype)
+        except ChannelError as e:
+            if not self._stopping.is_set():
+                self._lose(str(e))
+
+    def _lose(self, reason: str) -> None:
+        with self._lock:
+            if self._lost.is_set():
+                return
+            self._lost.set()
+        self.status.state = "alone"
+        self.status.phase = "idle"
+        self.status.failover("secondary lost; the primary goes on alone", reason)
+        self._inbox.put(None)
+        if self._heartbeat:
+            self._heartbeat.stop()
+        if self.channel is not None:
+            self.channel.close()
+        if self._paused_by_us:
+            self._paused_by_us = False
+            self.machine.resume()
+
+    def _loop(self) -> None:
+        while not self._lost.is_set() and not self._stopping.is_set():
+            triggered = self._trigger.wait(self.options.checkpoint_delay)
+            self._trigger.clear()
+            reason = self._reason if triggered else "timer"
+            self._reason = "timer"
+            if self._lost.is_set() or self._stopping.is_set() or self.machine.vm.exit is not None:
+                return
+            try:
+                self._checkpoint(reason)
+            except SecondaryLost:
+                return
+            except ProtocolError as e:
+                self._lose(f"protocol error: {e}")
+                return
+
+    def _wait(self, expected: Msg, timeout: float) -> None:
+        try:
+            msg = self._inbox.get(timeout=timeout)
+        except queue.Empty:
+            self._lose(f"no {expected.name} within {timeout:.1f} s")
+            raise SecondaryLost()
+        if msg is None or self._lost.is_set():
+            raise SecondaryLost()
+        for act in self.core.on_message(Msg(msg)):
+            self._do(act)
+
+    def _checkpoint(self, reason: str) -> None:
+        self._seq += 1
+        self._rec = {"reason": reason, "t0": time.perf_counter()}
+        self.status.phase = "requested"
+        for act in self.core.start_checkpoint():
+            self._do(act)
+        timeout = self.options.heartbeat_timeout * 3
+        self._wait(Msg.CHECKPOINT_REPLY, timeout)  # -> pause, capture, (resume), send
+        self._wait(Msg.VMSTATE_RECEIVED, timeout)
+        self._rec["received"] = time.perf_counter()
+        self._wait(Msg.VMSTATE_LOADED, timeout * 4)
+
+    def _do(self, act: Act) -> None:
+        ch = self.channel
+        try:
+            if act is Act.SEND_REQUEST:
+                ch.send(Msg.CHECKPOINT_REQUEST)
+            elif act is Act.PAUSE_VM:
+                self.machine.pause()
+                self._paused_by_us = True
+                self._rec["paused"] = time.perf_counter()
+            elif act is Act.CAPTURE:
+                self._capture()
+            elif act is Act.RESUME_VM:
+                if self._paused_by_us:
+                    self._paused_by_us = False
+                    self.machine.resume()
+                self._rec["resumed"] = time.perf_counter()
+            elif act is Act.SEND_STATE:
+                self.status.phase = "sending"
+                self._rec["send"] = time.perf_counter()
+                ch.send(Msg.VMSTATE_SEND)
+                ch.send(Msg.VMSTATE_SIZE, [self._size.to_bytes(8, "little")])
+                ch.send(Msg.VMSTATE_DATA, self._parts, self._stall_midway() if self.options.debug_stall_ms else None)
+                self.status.phase = "waiting"
+            elif act is Act.RELEASE_OUTPUT:
+                for listener in self.output_listeners:
+                    listener("release")
+            elif act is Act.CHECKPOINT_DONE:
+                self._finish_record()
+        except ChannelError as e:
+            self._lose(str(e))
+            raise SecondaryLost()
+
+    def _capture(self) -> None:
+        m = self.machine
+        cap = vmstate.capture(m, self.dirty_log, vmstate.KIND_INCREMENTAL, None, self.host, self._ram_buffer)
+        ram = cap.sections[-1].payload
+        if len(self._ram_buffer) < len(ram):
+            self._ram_buffer = bytearray(len(ram) + (1 << 20))  # grown once, reused afterwards
+        self._parts = sections.encode(cap.sections)
+        self._size = sections.encoded_size(self._parts)
+        self._rec["pages"] = cap.dirty_pages
+        if self.options.verify_every and self._seq % self.options.verify_every == 0:
+            self.status.hashes[self._seq] = vmstate.state_hashes(m, self.host)
+            while len(self.status.hashes) > 20:
+                self.status.hashes.pop(min(self.status.hashes))
+
+    def _stall_midway(self):
+        stalled = [False]
+
+        def progress(sent: int, total: int) -> None:
+            if not stalled[0] and sent < total:
+                stalled[0] = True
+                self.status.phase = "sending-stalled"
+                time.sleep(self.options.debug_stall_ms / 1000)
+                self.status.phase = "sending"
+
+        return progress
+
+    def _finish_record(self) -> None:
+        r = self._rec
+        now = time.perf_counter()
+        resumed = r.get("resumed", now)
+        self.status.record(CheckpointRecord(
+            seq=self._seq, reason=r["reason"], pause_ms=(resumed - r["paused"]) * 1e3, dirty_pages=r["pages"],
+            bytes=self._size, transfer_ms=(r["received"] - r["send"]) * 1e3, load_ms=(now - r["received"]) * 1e3,
+        ))  # fmt: skip
+        self.status.phase = "idle"

@@ -1,0 +1,242 @@
+"""Layer 4: the COLO secondary — runs the SVM and adopts every checkpoint.
+
+The secondary keeps a RAM cache: a full copy of the primary's RAM as of the
+last checkpoint.  A checkpoint is received whole into a buffer and verified
+(frame MAC, then every section CRC) before anything is touched; only then
+are its pages written into the cache, and every page dirtied by the PVM (in
+the checkpoint) or by the SVM (its own dirty log, VMM writes included) is
+copied from the cache into SVM RAM, and the vCPU/VM/device state loaded.  A
+checkpoint that is cut off or corrupt is discarded whole: the SVM keeps its
+own consistent state.
+
+Losing the primary (silence past the heartbeat timeout, a closed or broken
+connection, a frame that fails authentication) means failover: finish a
+load in progress, resume the SVM and go on alone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import threading
+import time
+
+from kvmcolo import sections, vmstate
+from kvmcolo.colo import Act, Failover, Msg, ProtocolError, SecondaryCore, SState
+from kvmcolo.colo_session import (CheckpointRecord, ColoOptions, ColoStatus, Heartbeat, config_message,
+                                  config_mismatch)  # fmt: skip
+from kvmcolo.dirty_log import DirtyLog, merge_and_copy, scatter_pages
+from kvmcolo.errors import UserError
+from kvmcolo.memory import GuestMemory
+from kvmcolo.wire import AuthenticationError, Channel, ChannelError, server_handshake
+
+log = logging.getLogger("kvmcolo.colo")
+
+
+class ColoSecondary:
+    def __init__(self, machine, listen: tuple[str, int], key: bytes, options: ColoOptions):
+        self.machine = machine
+        self.listen_addr = listen
+        self.key = key
+        self.options = options
+        self.status = ColoStatus("secondary")
+        self.core = SecondaryCore()
+        self.failover_state = Failover()
+        self.channel: Channel | None = None
+        self.cache = GuestMemory(machine.config.mem_size)
+        self.dirty_log: DirtyLog | None = None
+        self.host = vmstate.HostCaps.probe(machine.kvm, machine.vm.vcpus[0])
+        self._heartbeat: Heartbeat | None = None
+        self._snap: vmstate.Snapshot | None = None
+        self._seq = 0
+        self._ended = threading.Event()
+        self._lock = threading.Lock()
+        self.goodbye: dict | None = None
+        self._server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            self._server.bind(listen)
+        except OSError as e:
+            raise UserError(f"cannot listen on {listen[0]}:{listen[1]}: {e.strerror}")
+        self._server.listen(4)
+
+    # ---- start-up ------------------------------------------------------------------
+
+    def wait_for_primary(self) -> None:
+        """Accept primaries until one authenticates and brings a matching VM;
+        load its initial copy and start the SVM."""
+        log.info("secondary: waiting for the primary on %s:%d", *self.listen_addr)
+        while True:
+            sock, addr = self._server.accept()
+            peer = f"{addr[0]}:{addr[1]}"
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                ch = server_handshake(sock, self.key, "secondary", peer, 10)
+            except ChannelError as e:
+                log.warning("refused %s: %s", peer, e)  # nothing it sent is used
+                sock.close()
+                continue
+            break
+        self.channel = ch
+        self.status.peer = peer
+        mtype, payload = ch.recv()
+        if mtype != Msg.CONFIG:
+            raise UserError(f"the primary at {peer} sent {mtype} instead of its configuration")
+        ours = json.loads(config_message(self.machine, self.host.as_meta(), self.options))
+        problem = config_mismatch(ours, json.loads(bytes(payload)))
+        if problem:
+            ch.send(Msg.CONFIG_REFUSED, [problem.encode()])
+            ch.close()
+            raise UserError(f"refused the primary at {peer}: {problem}")
+        ch.send(Msg.CONFIG_OK)
+        ch.timeout = 120
+        ch.sock.settimeout(120)
+        mtype, payload = ch.recv()
+        if mtype != Msg.INITIAL_STATE:
+            raise UserError(f"the primary sent {mtype} instead of the initial copy")
+        try:
+            snap = vmstate.parse(payload)
+        except sections.StateFormatError as e:
+            raise UserError(f"the primary's initial copy is unusable: {e}")
+        vmstate.apply_ram(self.cache, snap)
+        vmstate.apply_ram(self.machine.vm.memory, snap)
+        vmstate.apply(self.machine, snap)
+        self.dirty_log = DirtyLog(self.machine.kvm, self.machine.vm.fd, self.machine.vm.memory)
+        self.dirty_log.collect()  # arm: from here on, the SVM's own writes are tracked
+        ch.timeout = self.options.heartbeat_timeout
+        ch.sock.settimeout(self.options.heartbeat_timeout)
+        ch.send(Msg.VMSTATE_LOADED)
+        self.status.state = "colo"
+        log.info("initial copy from %s loaded (%d pages); COLO is running", peer, sum(r[3] for r in snap.ram))
+
+    def start(self) -> None:
+        self._heartbeat = Heartbeat(self.channel, self.options.heartbeat_interval,
+                                    lambda why: self.fail_over(f"heartbeat send failed: {why}"))  # fmt: skip
+        self._heartbeat.start()
+        threading.Thread(target=self._loop, name="colo-secondary", daemon=True).start()
+
+    # ---- the receive loop -----------------------------------------------------------
+
+    def _loop(self) -> None:
+        ch = self.channel
+        while not self._ended.is_set():
+            try:
+                mtype, payload = ch.recv()
+                msg = Msg(mtype)
+                if msg is Msg.GOODBYE:
+                    self.goodbye = json.loads(bytes(payload))
+                    self._end_with_primary()
+                    return
+                size = int.from_bytes(payload, "little") if msg is Msg.VMSTATE_SIZE else len(payload)
+                for act in self.core.on_message(msg, size):
+                    self._do(act, payload)
+            except AuthenticationError as e:
+                log.error("checkpoint rejected: %s; nothing of it was applied", e)
+                self.fail_over(f"authentication failed: {e}")
+                return
+            except (ChannelError, ValueError) as e:
+                self.fail_over(str(e))
+                return
+            except sections.StateFormatError as e:
+                log.error("checkpoint %d rejected: %s; nothing of it was applied", self._seq + 1, e)
+                self.fail_over(f"corrupt checkpoint: {e}")
+                return
+            except ProtocolError as e:
+                self.fail_over(f"protocol error: {e}")
+                return
+
+    def _do(self, act: Act, payload) -> None:
+        ch = self.channel
+        if act is Act.PAUSE_VM:
+            self._t_pause = time.perf_counter()
+            self.machine.pause()
+            self.status.phase = "stopped"
+        elif act is Act.SEND_REPLY:
+            ch.send(Msg.CHECKPOINT_REPLY)
+            self.status.phase = "receiving"
+        elif act is Act.VERIFY_STATE:
+            self._snap = vmstate.parse(payload)  # every CRC, before anything is applied
+            self._t_received = time.perf_counter()
+        elif act is Act.SEND_RECEIVED:
+            ch.send(Msg.VMSTATE_RECEIVED)
+            self.status.phase = "loading"
+        elif act is Act.LOAD_STATE:
+            self._load(self._snap)
+        elif act is Act.RESUME_VM:
+            self.machine.resume()
+        elif act is Act.SEND_LOADED:
+            try:
+                ch.send(Msg.VMSTATE_LOADED)
+            finally:
+                self.core.loaded()
+                self.status.phase = "idle"
+                if self.failover_state.load_finished():
+                    self._complete_failover()
+        elif act is Act.CHECKPOINT_DONE:
+            now = time.perf_counter()
+            self.status.record(CheckpointRecord(
+                seq=self._seq, reason="checkpoint", pause_ms=(now - self._t_pause) * 1e3,
+                dirty_pages=sum(r[3] for r in self._snap.ram), bytes=len(payload),
+                transfer_ms=(self._t_received - self._t_pause) * 1e3, load_ms=(now - self._t_received) * 1e3,
+            ))  # fmt: skip
+            self._snap = None
+
+    def _load(self, snap: vmstate.Snapshot) -> None:
+        """Adopt a verified checkpoint: cache <- PVM pages; SVM <- cache for every
+        page either side dirtied; then vCPU, VM and device state."""
+        self._seq += 1
+        svm_dirty = self.dirty_log.collect()
+        cache = {r.slot: r for r in self.cache.regions}
+        for (slot, _size, pages, count, data), dirty in zip(snap.ram, svm_dirty):
+            if count:
+                scatter_pages(cache[slot], pages, count, data)
+            merge_and_copy(dirty, pages, count, dirty.region, cache[slot].host_addr)
+        vmstate.apply(self.machine, snap)
+        if self.options.verify_every and self._seq % self.options.verify_every == 0:
+            self.status.hashes[self._seq] = vmstate.state_hashes(self.machine, self.host)
+            while len(self.status.hashes) > 20:
+                self.status.hashes.pop(min(self.status.hashes))
+
+    # ---- failover and the end ------------------------------------------------------------
+
+    def fail_over(self, reason: str) -> None:
+        """Primary lost (or failover asked for): go on running the SVM alone."""
+        with self._lock:
+            loading = self.core.state is SState.LOADING
+            if not self.failover_state.require(reason, loading=loading):
+                return
+        self._complete_failover()
+
+    def _complete_failover(self) -> None:
+        self.failover_state.activate()
+        self._ended.set()
+        if self._heartbeat:
+            self._heartbeat.stop()
+        if self.channel is not None:
+            self.channel.close()
+        # Stopped for a checkpoint that never completed: the SVM's own state is
+        # consistent (nothing of the checkpoint was applied), so it just goes on.
+        if self.machine.paused:
+            self.machine.resume()
+        self.failover_state.complete()
+        self.status.state = "active"
+        self.status.phase = "idle"
+        self.status.failover("primary lost; the secondary took over", self.failover_state.reason)
+
+    def _end_with_primary(self) -> None:
+        self._ended.set()
+        if self._heartbeat:
+            self._heartbeat.stop()
+        self.channel.close()
+        status = int(self.goodbye.get("status", 0))
+        self.machine.vm.request_exit(status, f"the primary ended: {self.goodbye.get('reason', '')}")
+
+    def close(self) -> None:
+        self._ended.set()
+        if self._heartbeat:
+            self._heartbeat.stop()
+        if self.channel is not None:
+            self.channel.close()
+        self._server.close()
+        self.cache.close()

@@ -1,0 +1,148 @@
+"""Layer 4: what the COLO primary and secondary drivers share — options,
+the configuration check at connect time, heartbeats, statistics, failover
+history."""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+
+from kvmcolo.colo import Msg
+from kvmcolo.wire import Channel, ChannelError
+
+log = logging.getLogger("kvmcolo.colo")
+
+# Defaults: a heartbeat every 100 ms costs nothing on a replication link, and
+# 1 s of silence is 10 missed beats — long enough to ride out a scheduling
+# hiccup on a loaded host, short enough that clients' TCP retransmissions
+# (200 ms minimum RTO, doubling) see at most a few retries.
+DEFAULT_HEARTBEAT_INTERVAL = 0.1
+DEFAULT_HEARTBEAT_TIMEOUT = 1.0
+DEFAULT_CHECKPOINT_DELAY = 0.1
+
+
+@dataclass
+class ColoOptions:
+    checkpoint_delay: float = DEFAULT_CHECKPOINT_DELAY
+    heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL
+    heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT
+    resume_early: bool = True
+    verify_every: int = 0  # debug: hash the whole state every Nth checkpoint on both sides
+    debug_stall_ms: int = 0  # debug: the primary pauses this long halfway through each transfer
+
+
+@dataclass
+class CheckpointRecord:
+    seq: int
+    reason: str
+    pause_ms: float  # primary: guest stopped; secondary: SVM stopped
+    dirty_pages: int
+    bytes: int
+    transfer_ms: float
+    load_ms: float
+    time: float = field(default_factory=time.time)
+
+
+class ColoStatus:
+    """Counters and history for `kvmcolo status` (thread-safe snapshots)."""
+
+    def __init__(self, role: str):
+        self.role = role
+        self.state = "connecting"
+        self.peer: str | None = None
+        self.checkpoints = 0
+        self.recent: collections.deque[CheckpointRecord] = collections.deque(maxlen=20)
+        self.reasons: collections.Counter = collections.Counter()
+        self.failovers: list[dict] = []
+        self.hashes: dict[int, dict] = {}  # debug: seq -> state hashes
+        self.phase = "idle"  # for tests: where in a checkpoint we are
+        self._lock = threading.Lock()
+
+    def record(self, rec: CheckpointRecord) -> None:
+        with self._lock:
+            self.checkpoints += 1
+            self.recent.append(rec)
+            self.reasons[rec.reason] += 1
+
+    def failover(self, kind: str, reason: str) -> None:
+        with self._lock:
+            self.failovers.append({"kind": kind, "reason": reason, "time": time.time()})
+        log.warning("failover: %s (%s)", kind, reason)
+
+    def as_dict(self) -> dict:
+        with self._lock:
+            return {
+                "role": self.role,
+                "state": self.state,
+                "phase": self.phase,
+                "peer": self.peer,
+                "checkpoints": self.checkpoints,
+                "reasons": dict(self.reasons),
+                "recent": [asdict(r) for r in self.recent],
+                "failovers": list(self.failovers),
+                "hashes": {str(k): v for k, v in self.hashes.items()},
+            }
+
+
+class Heartbeat:
+    """Sends HEARTBEAT whenever the channel has been quiet for an interval."""
+
+    def __init__(self, channel: Channel, interval: float, on_lost):
+        self._channel = channel
+        self._interval = interval
+        self._on_lost = on_lost
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval / 2):
+            if time.monotonic() - self._channel.last_sent >= self._interval:
+                try:
+                    self._channel.send(Msg.HEARTBEAT)
+                except ChannelError as e:
+                    self._on_lost(str(e))
+                    return
+
+
+def config_message(machine, host_meta: dict, options: ColoOptions) -> bytes:
+    return json.dumps({"machine": comparable_shape(machine.shape()), "host": host_meta,
+                       "checkpoint_delay": options.checkpoint_delay}).encode()  # fmt: skip
+
+
+def comparable_shape(shape: dict) -> dict:
+    """The parts of a machine's shape both sides must agree on (not paths or
+    tap names, which differ between hosts)."""
+    return {
+        "mem_size": shape["mem_size"],
+        "cpus": shape["cpus"],
+        "disks": [{"size": d["size"], "readonly": d["readonly"]} for d in shape["disks"]],
+        "nets": [{"mac": n["mac"]} for n in shape["nets"]],
+    }
+
+
+def config_mismatch(ours: dict, theirs: dict) -> str | None:
+    """A human-readable difference between two config messages, or None."""
+    a, b = ours["machine"], theirs["machine"]
+    for key, what in (("mem_size", "RAM"), ("cpus", "vCPUs")):
+        if a[key] != b[key]:
+            return f"{what} differ: primary {b[key]}, secondary {a[key]}"
+    if len(a["disks"]) != len(b["disks"]) or a["disks"] != b["disks"]:
+        return f"disks differ: primary {b['disks']}, secondary {a['disks']}"
+    if a["nets"] != b["nets"]:
+        return f"network devices differ: primary {b['nets']}, secondary {a['nets']}"
+    for leaf, regs in theirs["host"]["cpuid"].items():
+        if ours["host"]["cpuid"].get(leaf) != regs:
+            return f"CPUID leaf {leaf} differs between the hosts"
+    if theirs["host"]["xsave_size"] != ours["host"]["xsave_size"]:
+        return "XSAVE layouts differ between the hosts"
+    return None
