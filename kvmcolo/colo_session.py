@@ -140,9 +140,12 @@ def config_mismatch(ours: dict, theirs: dict) -> str | None:
         return f"disks differ: primary {b['disks']}, secondary {a['disks']}"
     if a["nets"] != b["nets"]:
         return f"network devices differ: primary {b['nets']}, secondary {a['nets']}"
-    for leaf, regs in theirs["host"]["cpuid"].items():
-        if ours["host"]["cpuid"].get(leaf) != regs:
-            return f"CPUID leaf {leaf} differs between the hosts"
+    from kvmcolo.vmstate import HostCaps
+
+    mine, other = HostCaps.feature_bits(ours["host"]["cpuid"]), HostCaps.feature_bits(theirs["host"]["cpuid"])
+    for leaf, regs in other.items():
+        if mine.get(leaf) != regs:
+            return f"CPU features (CPUID leaf {leaf}) differ between the hosts"
     if theirs["host"]["xsave_size"] != ours["host"]["xsave_size"]:
         return "XSAVE layouts differ between the hosts"
     return None

@@ -89,6 +89,17 @@ class HostCaps:
                 if lacking:
                     raise IncompatibleState(f"this host's CPU lacks CPUID {leaf} {name} bits {lacking:#x} the guest was given")
 
+    @staticmethod
+    def feature_bits(cpuid: dict) -> dict:
+        """Only the feature registers of a saved CPUID dict (others hold APIC
+        IDs and sizes that differ from CPU to CPU)."""
+        out = {}
+        for leaf, regs in cpuid.items():
+            function, subleaf = leaf.split(".")
+            checked = _FEATURE_REGS.get((int(function, 16), int(subleaf)), ())
+            out[leaf] = [r for name, r in zip(("eax", "ebx", "ecx", "edx"), regs) if name in checked]
+        return out
+
     def as_meta(self) -> dict:
         return {"xsave_size": self.xsave_size, "msrs": self.msrs, "cpuid": self.cpuid}
 
