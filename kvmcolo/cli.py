@@ -97,6 +97,8 @@ def _build_parser() -> argparse.ArgumentParser:
                       help="peer declared lost after this much silence (default 1000 ms)")
     boot.add_argument("--no-resume-early", dest="resume_early", action="store_false",
                       help="keep the primary paused until the secondary has loaded each checkpoint")
+    boot.add_argument("--overlay-dir", metavar="DIR",
+                      help="where the secondary mounts its disk overlays (default /run/kvmcolo/overlay)")
     boot.add_argument("--verify-every", type=int, default=0, metavar="N", help=argparse.SUPPRESS)
     boot.add_argument("--debug-stall-ms", type=int, default=0, metavar="MS", help=argparse.SUPPRESS)
     _add_vm_options(boot, kernel_required=False)
@@ -235,6 +237,33 @@ def _address(text: str, option: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+def _secondary_overlays(config, overlay_dir):
+    """The secondary sees each disk through a FUSE overlay: finish any apply a
+    killed run left half done, clear stale mounts, mount, and point the
+    machine's disks at the overlay files."""
+    from kvmcolo.disk_buffer import OverlayMount
+    from kvmcolo.disk_replication import recover
+    from kvmcolo.machine import DiskSpec
+
+    root = overlay_dir or "/run/kvmcolo/overlay"
+    OverlayMount.cleanup_stale(root)
+    bases, overlays = [], []
+    try:
+        for spec in config.disks:
+            if not os.path.exists(spec.path):
+                raise UserError(f"disk image {spec.path!r} does not exist")
+            recover(spec.path)
+            mount = OverlayMount(spec.path, os.path.join(root, f"{os.getpid()}-{len(overlays)}"))
+            overlays.append(mount)
+            bases.append(os.path.abspath(spec.path))
+    except BaseException:
+        for o in overlays:
+            o.close()
+        raise
+    config.disks = [DiskSpec(o.image_path, spec.readonly) for o, spec in zip(overlays, config.disks)]
+    return overlays, bases
+
+
 def _cmd_boot(args) -> int:
     from kvmcolo import control, wire
     from kvmcolo.colo_session import ColoOptions
@@ -257,7 +286,15 @@ def _cmd_boot(args) -> int:
                           heartbeat_timeout=args.heartbeat_timeout / 1000, resume_early=args.resume_early,
                           verify_every=args.verify_every, debug_stall_ms=args.debug_stall_ms)  # fmt: skip
     config = _machine_config(args, boot_kernel=args.primary)
-    machine = Machine(config, boot_kernel=args.primary)
+    overlays, bases = [], []
+    if args.secondary and config.disks:
+        overlays, bases = _secondary_overlays(config, args.overlay_dir)
+    try:
+        machine = Machine(config, boot_kernel=args.primary)
+    except BaseException:
+        for o in overlays:
+            o.close()
+        raise
     try:
         if args.primary:
             from kvmcolo.colo_primary import ColoPrimary
@@ -266,10 +303,12 @@ def _cmd_boot(args) -> int:
         else:
             from kvmcolo.colo_secondary import ColoSecondary
 
-            colo = ColoSecondary(machine, _address(args.listen, "--listen"), key, options)
+            colo = ColoSecondary(machine, _address(args.listen, "--listen"), key, options, bases, overlays)
         vmm = Vmm(machine, args.control or control.default_path(), colo)
     except BaseException:
         machine.close()
+        for o in overlays:
+            o.close()
         raise
     try:
         result = vmm.run_colo_primary() if args.primary else vmm.run_colo_secondary()
@@ -278,6 +317,8 @@ def _cmd_boot(args) -> int:
         return INTERRUPTED_STATUS
     finally:
         machine.close()
+        for o in overlays:
+            o.close()
         if config.serial_output is not None:
             config.serial_output.close()
     (log.error if result.failed else log.info)("%s", result.reason)

@@ -39,6 +39,9 @@ class Msg(enum.IntEnum):
     CONFIG_OK = 2
     CONFIG_REFUSED = 3  # with the reason
     INITIAL_STATE = 4  # the first full copy
+    DISK_HASHES = 5  # secondary -> primary: per-MiB hashes of each base disk (initial sync)
+    DISK_WRITE = 6  # primary -> secondary: u16 disk, u64 offset, data (outside the transaction table:
+    #                 kept pending, applied at the next checkpoint's load)
     CHECKPOINT_READY = 10  # secondary -> primary: running, ready for checkpoints
     CHECKPOINT_REQUEST = 11
     CHECKPOINT_REPLY = 12

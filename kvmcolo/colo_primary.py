@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import socket
+import struct
 import threading
 import time
 
@@ -21,6 +23,7 @@ from kvmcolo import sections, vmstate
 from kvmcolo.colo import Act, Msg, PrimaryCore, ProtocolError
 from kvmcolo.colo_session import CheckpointRecord, ColoOptions, ColoStatus, Heartbeat, config_message
 from kvmcolo.dirty_log import DirtyLog
+from kvmcolo.disk_replication import HASH_CHUNK, chunk_hashes, file_hash
 from kvmcolo.errors import UserError
 from kvmcolo.wire import Channel, ChannelError, client_handshake
 
@@ -84,6 +87,40 @@ class ColoPrimary:
         if mtype != Msg.CONFIG_OK:
             raise UserError(f"the secondary answered {mtype} to CONFIG")
         log.info("connected to the secondary at %s", addr)
+        self._sync_disks()
+
+    # ---- disks ------------------------------------------------------------------
+
+    _DISK_WRITE = struct.Struct("<HQ")
+
+    def _sync_disks(self) -> None:
+        """Initial sync: send only the MiB chunks whose hashes differ."""
+        mtype, payload = self.channel.recv()
+        if mtype != Msg.DISK_HASHES:
+            raise UserError(f"the secondary answered {mtype} instead of its disk hashes")
+        theirs = json.loads(bytes(payload))
+        for index, (image, remote) in enumerate(zip(self.machine.disk_images, theirs)):
+            local = chunk_hashes(image.path)
+            differ = [i for i, (a, b) in enumerate(zip(local, remote)) if a != b]
+            log.info("disk %d: %d of %d MiB differ on the secondary", index, len(differ), len(local))
+            with open(image.path, "rb") as f:
+                for n, chunk in enumerate(differ, 1):
+                    data = os.pread(f.fileno(), HASH_CHUNK, chunk * HASH_CHUNK)
+                    self.channel.send(Msg.DISK_WRITE, [self._DISK_WRITE.pack(index, chunk * HASH_CHUNK), data])
+                    if n % 64 == 0 or n == len(differ):
+                        log.info("disk %d: initial sync %d of %d MiB sent", index, n, len(differ))
+        for index, device in enumerate(self.machine.block_devices()):
+            device.write_observers.append(lambda offset, views, index=index: self._forward_write(index, offset, views))
+
+    def _forward_write(self, index: int, offset: int, views) -> None:
+        """Every write the guest makes goes to the secondary, in order (runs on
+        the I/O thread, so it is ordered with the checkpoints' capture)."""
+        if self._lost.is_set():
+            return
+        try:
+            self.channel.send(Msg.DISK_WRITE, [self._DISK_WRITE.pack(index, offset), *views])
+        except ChannelError as e:
+            self._lose(str(e))
 
     def initial_copy(self) -> None:
         """The first full copy, before the guest first runs: RAM, vCPU, VM and
@@ -256,7 +293,10 @@ class ColoPrimary:
         self._size = sections.encoded_size(self._parts)
         self._rec["pages"] = cap.dirty_pages
         if self.options.verify_every and self._seq % self.options.verify_every == 0:
-            self.status.hashes[self._seq] = vmstate.state_hashes(m, self.host)
+            hashes = vmstate.state_hashes(m, self.host)
+            for i, image in enumerate(m.disk_images):
+                hashes[f"disk.{i}"] = file_hash(image.path)
+            self.status.hashes[self._seq] = hashes
             while len(self.status.hashes) > 20:
                 self.status.hashes.pop(min(self.status.hashes))
 

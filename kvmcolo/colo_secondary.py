@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import socket
+import struct
 import threading
 import time
 
@@ -27,6 +29,7 @@ from kvmcolo.colo import Act, Failover, Msg, ProtocolError, SecondaryCore, SStat
 from kvmcolo.colo_session import (CheckpointRecord, ColoOptions, ColoStatus, Heartbeat, config_message,
                                   config_mismatch)  # fmt: skip
 from kvmcolo.dirty_log import DirtyLog, merge_and_copy, scatter_pages
+from kvmcolo.disk_replication import PendingWrites, apply_writes, chunk_hashes, file_hash
 from kvmcolo.errors import UserError
 from kvmcolo.memory import GuestMemory
 from kvmcolo.wire import AuthenticationError, Channel, ChannelError, server_handshake
@@ -35,8 +38,14 @@ log = logging.getLogger("kvmcolo.colo")
 
 
 class ColoSecondary:
-    def __init__(self, machine, listen: tuple[str, int], key: bytes, options: ColoOptions):
+    def __init__(self, machine, listen: tuple[str, int], key: bytes, options: ColoOptions,
+                 disk_bases: list[str] = (), overlays: list = ()):  # fmt: skip
+        """`disk_bases`: the real images; `overlays`: the OverlayMount each one
+        is seen through by the SVM (same order as the machine's disks)."""
         self.machine = machine
+        self.disk_bases = list(disk_bases)
+        self.overlays = list(overlays)
+        self.pending = [PendingWrites(os.path.dirname(os.path.abspath(b))) for b in self.disk_bases]
         self.listen_addr = listen
         self.key = key
         self.options = options
@@ -92,9 +101,16 @@ class ColoSecondary:
         ch.send(Msg.CONFIG_OK)
         ch.timeout = 120
         ch.sock.settimeout(120)
-        mtype, payload = ch.recv()
-        if mtype != Msg.INITIAL_STATE:
-            raise UserError(f"the primary sent {mtype} instead of the initial copy")
+        ch.send(Msg.DISK_HASHES, [json.dumps([chunk_hashes(b) for b in self.disk_bases]).encode()])
+        while True:  # the initial disk sync: differing chunks, then the initial copy
+            mtype, payload = ch.recv()
+            if mtype == Msg.DISK_WRITE:
+                self._pending_write(payload)
+            elif mtype == Msg.INITIAL_STATE:
+                break
+            else:
+                raise UserError(f"the primary sent {mtype} instead of the initial copy")
+        self._apply_disks()
         try:
             snap = vmstate.parse(payload)
         except sections.StateFormatError as e:
@@ -128,6 +144,9 @@ class ColoSecondary:
                     self.goodbye = json.loads(bytes(payload))
                     self._end_with_primary()
                     return
+                if msg is Msg.DISK_WRITE:
+                    self._pending_write(payload)
+                    continue
                 size = int.from_bytes(payload, "little") if msg is Msg.VMSTATE_SIZE else len(payload)
                 for act in self.core.on_message(msg, size):
                     self._do(act, payload)
@@ -192,11 +211,36 @@ class ColoSecondary:
             if count:
                 scatter_pages(cache[slot], pages, count, data)
             merge_and_copy(dirty, pages, count, dirty.region, cache[slot].host_addr)
+        self._apply_disks()
         vmstate.apply(self.machine, snap)
         if self.options.verify_every and self._seq % self.options.verify_every == 0:
-            self.status.hashes[self._seq] = vmstate.state_hashes(self.machine, self.host)
+            hashes = vmstate.state_hashes(self.machine, self.host)
+            for i, base in enumerate(self.disk_bases):
+                hashes[f"disk.{i}"] = file_hash(base)
+            self.status.hashes[self._seq] = hashes
             while len(self.status.hashes) > 20:
                 self.status.hashes.pop(min(self.status.hashes))
+
+    # ---- disks -------------------------------------------------------------------------
+
+    _DISK_WRITE = struct.Struct("<HQ")
+
+    def _pending_write(self, payload) -> None:
+        index, offset = self._DISK_WRITE.unpack_from(payload)
+        if index >= len(self.pending):
+            raise ProtocolError(f"write to disk {index}, but there are {len(self.pending)}")
+        self.pending[index].add(offset, bytes(payload[self._DISK_WRITE.size :]))
+
+    def _apply_disks(self) -> None:
+        """At a checkpoint (SVM paused): the primary's writes into the base
+        images (journaled), then the SVM's own writes thrown away."""
+        crash = (lambda: os._exit(70)) if os.environ.get("KVMCOLO_DEBUG_CRASH_IN_APPLY") else None
+        for base, pending in zip(self.disk_bases, self.pending):
+            if len(pending):
+                apply_writes(base, pending, crash_hook=crash)
+                pending.clear()
+        for overlay in self.overlays:
+            overlay.drop()
 
     # ---- failover and the end ------------------------------------------------------------
 
@@ -215,6 +259,12 @@ class ColoSecondary:
             self._heartbeat.stop()
         if self.channel is not None:
             self.channel.close()
+        # The SVM's own disk writes match its own state: they become the disk.
+        # The primary's writes since the last checkpoint are dropped with it.
+        for pending in self.pending:
+            pending.clear()
+        for overlay in self.overlays:
+            overlay.commit()
         # Stopped for a checkpoint that never completed: the SVM's own state is
         # consistent (nothing of the checkpoint was applied), so it just goes on.
         if self.machine.paused:
@@ -240,3 +290,5 @@ class ColoSecondary:
             self.channel.close()
         self._server.close()
         self.cache.close()
+        for pending in self.pending:
+            pending.clear()

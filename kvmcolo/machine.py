@@ -192,6 +192,10 @@ class Machine:
             setattr(config, key, value)
         return config
 
+    def block_devices(self) -> list[VirtioBlock]:
+        """The virtio-blk devices, in --disk order."""
+        return [t.device for t in self.virtio if isinstance(t.device, VirtioBlock)]
+
     def save_devices(self) -> dict:
         return {"serial": self.serial.save_state(), "virtio": [t.save_state() for t in self.virtio]}
 
