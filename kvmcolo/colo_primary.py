@@ -133,7 +133,7 @@ class ColoPrimary:
         next_report = [0.0]
 
         def progress(sent: int, size: int) -> None:
-            if sent / size >= next_report[0]:
+            if size >= 4 << 20 and sent / size >= next_report[0]:
                 log.info("initial copy: %d of %d MiB sent", sent >> 20, size >> 20)
                 next_report[0] += 0.25
 
@@ -272,7 +272,11 @@ class ColoPrimary:
                 self._rec["send"] = time.perf_counter()
                 ch.send(Msg.VMSTATE_SEND)
                 ch.send(Msg.VMSTATE_SIZE, [self._size.to_bytes(8, "little")])
-                ch.send(Msg.VMSTATE_DATA, self._parts, self._stall_midway() if self.options.debug_stall_ms else None)
+                if self.options.debug_stall_ms:
+                    ch.send(Msg.VMSTATE_DATA, self._parts, self._stall_marker, self.options.debug_stall_ms / 1000)
+                    self.status.phase = "sending"
+                else:
+                    ch.send(Msg.VMSTATE_DATA, self._parts)
                 self.status.phase = "waiting"
             elif act is Act.RELEASE_OUTPUT:
                 for listener in self.output_listeners:
@@ -300,17 +304,9 @@ class ColoPrimary:
             while len(self.status.hashes) > 20:
                 self.status.hashes.pop(min(self.status.hashes))
 
-    def _stall_midway(self):
-        stalled = [False]
-
-        def progress(sent: int, total: int) -> None:
-            if not stalled[0] and sent < total:
-                stalled[0] = True
-                self.status.phase = "sending-stalled"
-                time.sleep(self.options.debug_stall_ms / 1000)
-                self.status.phase = "sending"
-
-        return progress
+    def _stall_marker(self, sent: int, total: int) -> None:
+        if sent < 0:
+            self.status.phase = "sending-stalled"
 
     def _finish_record(self) -> None:
         r = self._rec

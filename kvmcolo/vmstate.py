@@ -236,10 +236,12 @@ def _nonzero_pages(machine, dirty: list[RegionDirty]) -> list[RegionDirty]:
 # ---- fingerprints, for checking that two machines hold the same state --------
 
 # Pieces of state that move with time on their own even while the guest is
-# paused: the TSC MSR, the LAPIC timer's current count, the PIT's counters
-# and load time, and the VM clock.
+# paused: the TSC MSR, the LAPIC timer's current count and the interrupt
+# request register it fills when it expires, the PIT's counters and load
+# time, and the VM clock.
 _TIME_DEPENDENT_MSRS = {0x10}
 _LAPIC_TIMER_CURRENT_COUNT = 0x390
+_LAPIC_IRR = range(0x200, 0x280)
 
 
 def state_hashes(machine, host: HostCaps) -> dict[str, str]:
@@ -261,6 +263,7 @@ def state_hashes(machine, host: HostCaps) -> dict[str, str]:
         state = v.save_state(host.msrs, host.xsave_size)
         lapic = bytearray(state.pop("lapic"))
         lapic[_LAPIC_TIMER_CURRENT_COUNT : _LAPIC_TIMER_CURRENT_COUNT + 4] = bytes(4)
+        lapic[_LAPIC_IRR.start : _LAPIC_IRR.stop] = bytes(len(_LAPIC_IRR))
         state["lapic"] = bytes(lapic)
         msrs = state.pop("msrs")
         kept = b"".join(msrs[i : i + entry] for i in range(0, len(msrs), entry)

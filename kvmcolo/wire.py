@@ -99,9 +99,11 @@ class Channel:
 
     # ---- sending ---------------------------------------------------------------
 
-    def send(self, mtype: int, payload_parts=(), progress=None) -> None:
+    def send(self, mtype: int, payload_parts=(), progress=None, stall_midway: float = 0.0) -> None:
         """Send one frame whose payload is the concatenation of `payload_parts`
-        (buffers, not copied).  `progress(sent, total)` is called along the way."""
+        (buffers, not copied).  `progress(sent, total)` is called along the way.
+        `stall_midway` (debug, for failure tests): pause that many seconds with
+        half of the frame sent."""
         parts = [memoryview(p).cast("B") for p in payload_parts]
         length = sum(len(p) for p in parts)
         with self._send_lock:
@@ -110,7 +112,15 @@ class Channel:
             for p in parts:
                 mac.update(p)
             try:
-                self._sendall([header, *parts, mac.digest()], length, progress)
+                frame = [header, *parts, mac.digest()]
+                if stall_midway:
+                    first, rest = _split(frame, (length + _FRAME.size) // 2)
+                    self._sendall(first, length, progress)
+                    if progress:
+                        progress(-1, length)  # "stalled" marker for the caller
+                    time.sleep(stall_midway)
+                    frame = rest
+                self._sendall(frame, length, progress)
             except (OSError, TimeoutError) as e:
                 raise PeerLost(f"sending to {self.peer} failed: {e}") from e
             self._send_seq += 1
@@ -184,6 +194,22 @@ class Channel:
         except OSError:
             pass
         self.sock.close()
+
+
+def _split(views, at: int):
+    head, tail = [], []
+    for v in views:
+        v = memoryview(v).cast("B")
+        if at >= len(v):
+            head.append(v)
+            at -= len(v)
+        elif at > 0:
+            head.append(v[:at])
+            tail.append(v[at:])
+            at = 0
+        else:
+            tail.append(v)
+    return head, tail
 
 
 # ---- handshake -------------------------------------------------------------------

@@ -1,0 +1,193 @@
+"""COLO with a disk: the secondary's writes live in a FUSE overlay, the
+primary's are applied at checkpoints, and failover loses no acknowledged
+write."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+
+import pytest
+
+from colo_pair import ColoPair
+from conftest import require_device
+from disk_records import read_records
+from kvmcolo.disk_replication import file_hash, journal_path
+
+DISK_GUEST = ["records=0", "rate=100", "report=5"]
+
+
+@pytest.fixture
+def fuse(images):
+    require_device("/dev/fuse", "FUSE")
+
+
+def images_pair(tmp_path, differ: bool = True):
+    a, b = tmp_path / "a.img", tmp_path / "b.img"
+    for p in (a, b):
+        with open(p, "wb") as f:
+            f.truncate(8 << 20)
+    if differ:  # the initial sync has something to do
+        with open(b, "r+b") as f:
+            f.seek(3 << 20)
+            f.write(os.urandom(100_000))
+    return a, b
+
+
+def vm(img, overlay_dir=None):
+    return ["--image", "disk", "--mem", "64M", "--disk", str(img)] + (["--overlay-dir", str(overlay_dir)] if overlay_dir else [])
+
+
+def start(tmp_path, a, b, primary_args=(), secondary_args=(), env_b=None, wait: bool = True):
+    pair = ColoPair(tmp_path, [], start=False)
+    try:
+        if env_b:
+            os.environ.update(env_b)
+        try:
+            pair.start_secondary(vm(b, tmp_path / "ovl"), secondary_args)
+        finally:
+            for k in env_b or {}:
+                os.environ.pop(k)
+        pair.start_primary(vm(a), DISK_GUEST, primary_args, wait=wait)
+    except BaseException:
+        pair.close()
+        raise
+    return pair
+
+
+def wrote(lines) -> int:
+    return max((int(m.group(1)) for line in lines if (m := re.search(r"disk: wrote=(\d+)", line))), default=0)
+
+
+def mounts_under(path, pid: int) -> list[str]:
+    """FUSE mounts below `path` as process `pid` sees them (`ip netns exec`
+    gives the secondary its own mount namespace)."""
+    try:
+        lines = open(f"/proc/{pid}/mounts").read().splitlines()
+    except FileNotFoundError:
+        return []
+    return [line.split()[1] for line in lines if line.split()[1].startswith(str(path))]
+
+
+def overlay_daemons(path) -> list[int]:
+    """Live FUSE overlay daemons serving mounts below `path`."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                cmd = open(f"/proc/{entry}/cmdline", "rb").read().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if "kvmcolo.disk_buffer" in cmd and str(path) in cmd:
+                found.append(int(entry))
+    return found
+
+
+def wait_until(predicate, what: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"still waiting for: {what}"
+        time.sleep(0.1)
+
+
+def test_disks_identical_at_every_checkpoint(fuse, tmp_path):
+    a, b = images_pair(tmp_path)
+    pair = start(tmp_path, a, b, ["--verify-every", "3"], ["--verify-every", "3"])
+    try:
+        pair.wait_checkpoints(tmp_path / "a.sock", 25, timeout=90)
+        p, s = pair.colo("a")["hashes"], pair.colo("b")["hashes"]
+        common = sorted(set(p) & set(s), key=int)
+        assert len(common) >= 5
+        for seq in common:
+            assert p[seq]["disk.0"] == s[seq]["disk.0"], f"checkpoint {seq}: base image differs from the primary's"
+            assert not [k for k in p[seq] if p[seq][k] != s[seq].get(k)]
+        assert wrote(pair.primary.lines) >= 10
+    finally:
+        pair.close()
+
+
+def test_secondary_writes_never_reach_the_base_between_checkpoints(fuse, tmp_path):
+    a, b = images_pair(tmp_path, differ=False)
+    pair = start(tmp_path, a, b, ["--checkpoint-delay", "4000"])
+    try:
+        time.sleep(0.5)
+        c0 = pair.colo("a")["checkpoints"]
+        before, w0 = file_hash(str(b)), wrote(pair.secondary.lines)
+        time.sleep(1.5)
+        assert wrote(pair.secondary.lines) > w0  # the SVM did write records...
+        if pair.colo("a")["checkpoints"] == c0:
+            assert file_hash(str(b)) == before  # ...but only into its overlay
+    finally:
+        pair.close()
+
+
+@pytest.mark.parametrize("when", ["between", "mid-transfer"])
+def test_failover_keeps_every_acknowledged_record(fuse, tmp_path, when):
+    a, b = images_pair(tmp_path)
+    extra = ["--debug-stall-ms", "600"] if when == "mid-transfer" else []
+    pair = start(tmp_path, a, b, extra)
+    try:
+        pair.wait_checkpoints(tmp_path / "a.sock", 5)
+        pair.wait_phase("a", "sending-stalled" if when == "mid-transfer" else "idle")
+        pair.primary.proc.kill()
+        pair.wait_failover("b")
+        start_lines = len(pair.secondary.lines)
+        pair.secondary.wait_line(r"disk: wrote=\d+", start=start_lines, timeout=20)
+        time.sleep(1.0)
+        acknowledged = wrote(pair.secondary.lines)
+        assert not any("CORRUPT" in line or "GAP" in line or "FAIL" in line for line in pair.secondary.lines)
+        from kvmcolo import control
+
+        control.call(str(tmp_path / "b.sock"), "quit")
+        assert pair.secondary.proc.wait(20) == 0
+        assert read_records(b) >= acknowledged  # every acknowledged record, no gap, no corruption
+        wait_until(lambda: not overlay_daemons(tmp_path / "ovl"), "the overlay daemon to exit")
+    finally:
+        pair.close()
+
+
+def test_secondary_killed_during_an_apply_replays_its_journal(fuse, tmp_path):
+    a, b = images_pair(tmp_path, differ=False)
+    pair = start(tmp_path, a, b, env_b={"KVMCOLO_DEBUG_CRASH_IN_APPLY": "1"}, wait=False)
+    try:
+        assert pair.secondary.proc.wait(30) == 70  # died right after the journal was made durable
+        assert os.path.exists(journal_path(str(b)))
+        pair.wait_failover("a")  # the primary goes on alone
+        pair.secondary = None
+        restarted = pair.start_secondary(vm(b, tmp_path / "ovl"))
+        deadline = time.monotonic() + 10
+        while not any("replayed an unfinished disk journal" in line for line in restarted.stderr_lines):
+            assert time.monotonic() < deadline, restarted.stderr_lines
+            time.sleep(0.1)
+        assert not os.path.exists(journal_path(str(b)))
+        assert read_records(b) >= 1  # the applied records are whole
+    finally:
+        pair.close()
+
+
+@pytest.mark.parametrize("how", ["quit", "sigterm", "sigkill"])
+def test_overlay_mount_is_gone_after_every_exit(fuse, tmp_path, how):
+    a, b = images_pair(tmp_path, differ=False)
+    pair = start(tmp_path, a, b)
+    try:
+        ovl = tmp_path / "ovl"
+        assert len(mounts_under(ovl, pair.secondary.proc.pid)) == 1 and len(overlay_daemons(ovl)) == 1
+        if how == "quit":
+            from kvmcolo import control
+
+            control.call(str(tmp_path / "b.sock"), "quit")
+        else:
+            pair.secondary.proc.send_signal(signal.SIGTERM if how == "sigterm" else signal.SIGKILL)
+        pair.secondary.proc.wait(20)
+        # The daemon unmounts and goes (on SIGKILL of the VMM: through its death signal).
+        wait_until(lambda: not overlay_daemons(ovl), "the overlay daemon to exit")
+        if how != "sigkill":  # after SIGKILL a leftover directory is the next start's to clean
+            wait_until(lambda: not any(ovl.iterdir()), "the mount directory to be removed")
+        pair.secondary = None
+        restarted = pair.start_secondary(vm(b, ovl))  # and a new start finds a clean slate
+        assert len(mounts_under(ovl, restarted.proc.pid)) == 1
+        assert len(list(ovl.iterdir())) == 1, list(ovl.iterdir())
+    finally:
+        pair.close()
