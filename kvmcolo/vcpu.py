@@ -120,8 +120,11 @@ class Vcpu:
         """Ask the vCPU to park; returns at once (see wait_paused)."""
         with self._cond:
             self._want_pause = True
-            if self._state is VcpuState.RUNNING:
+            if self._state in (VcpuState.RUNNING, VcpuState.CREATED):
+                # CREATED too: a vCPU started with a pause pending must not
+                # run a single guest instruction before it parks.
                 self.run.immediate_exit = 1
+            if self._state is VcpuState.RUNNING:
                 self._send_kick()
 
     def wait_paused(self, timeout: float = PAUSE_TIMEOUT_S) -> None:

@@ -180,3 +180,17 @@ def test_unexpected_exit_stops_the_vm_with_reason_and_registers(kvm_device, tmp_
     assert "vcpu 0: KVM_EXIT_INTERNAL_ERROR" in proc.stderr
     assert "rip=00000000d0000000" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_vcpu_started_paused_runs_no_instruction(images):
+    m, sink = start(images, "dirty", "pages=16 report=1")
+    try:
+        before = m.vm.vcpus[0].get_regs().rip
+        m.vm.vcpus[0].request_pause()
+        assert m.vm.vcpus[0].run.immediate_exit == 1  # its first KVM_RUN cannot enter the guest
+        m.start_paused()
+        assert m.vm.vcpus[0].get_regs().rip == before and sink.text == ""
+        m.resume()
+        sink.wait_for(r"dirty: pass=1 ok")
+    finally:
+        m.close()
