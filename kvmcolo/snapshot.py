@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 
 from kvmcolo import sections, vmstate
+from kvmcolo.buffers import consume
 from kvmcolo.dirty_log import DirtyLog
 from kvmcolo.errors import UserError
 
@@ -76,11 +77,7 @@ def _writev_all(fd: int, views: list[memoryview]) -> int:
     while views:
         n = os.writev(fd, views)
         total += n
-        while views and n >= len(views[0]):
-            n -= len(views[0])
-            views.pop(0)
-        if views and n:
-            views[0] = views[0][n:]
+        consume(views, n)
     return total
 
 

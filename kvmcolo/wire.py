@@ -35,6 +35,7 @@ import struct
 import threading
 import time
 
+from kvmcolo.buffers import consume, split_views
 from kvmcolo.errors import UserError
 
 PROTOCOL_VERSION = 1
@@ -114,7 +115,7 @@ class Channel:
             try:
                 frame = [header, *parts, mac.digest()]
                 if stall_midway:
-                    first, rest = _split(frame, (length + _FRAME.size) // 2)
+                    first, rest = split_views(frame, (length + _FRAME.size) // 2)
                     self._sendall(first, length, progress)
                     if progress:
                         progress(-1, length)  # "stalled" marker for the caller
@@ -143,11 +144,7 @@ class Channel:
                     room -= len(batch[-1])
             n = self.sock.sendmsg(batch)
             sent_payload += n
-            while views and n >= len(views[0]):
-                n -= len(views[0])
-                views.pop(0)
-            if views and n:
-                views[0] = views[0][n:]
+            consume(views, n)
             if progress is not None:
                 progress(min(sent_payload, total), total)
 
@@ -194,22 +191,6 @@ class Channel:
         except OSError:
             pass
         self.sock.close()
-
-
-def _split(views, at: int):
-    head, tail = [], []
-    for v in views:
-        v = memoryview(v).cast("B")
-        if at >= len(v):
-            head.append(v)
-            at -= len(v)
-        elif at > 0:
-            head.append(v[:at])
-            tail.append(v[at:])
-            at = 0
-        else:
-            tail.append(v)
-    return head, tail
 
 
 # ---- handshake -------------------------------------------------------------------

@@ -16,7 +16,8 @@ import struct
 from typing import Callable
 
 from kvmcolo.devices.virtio_mmio import VIRTIO_F_VERSION_1, VirtioMmio
-from kvmcolo.devices.virtqueue import DescChain, QueueError, Virtqueue, split_views
+from kvmcolo.buffers import split_views
+from kvmcolo.devices.virtqueue import DescChain, QueueError, Virtqueue
 from kvmcolo.errors import UserError
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,8 @@ import re
 from typing import Protocol
 
 from kvmcolo.devices.virtio_mmio import VIRTIO_F_VERSION_1, VirtioMmio
-from kvmcolo.devices.virtqueue import Virtqueue, split_views
+from kvmcolo.buffers import split_views
+from kvmcolo.devices.virtqueue import Virtqueue
 from kvmcolo.errors import UserError
 from kvmcolo.event_loop import EventLoop
 

@@ -177,29 +177,12 @@ class Virtqueue:
         self.used_idx = state["used_idx"] & 0xFFFF
 
 
-def split_views(views: list[memoryview], at: int) -> tuple[list[memoryview], list[memoryview]]:
-    """Split a scatter list at byte offset `at` (no copying)."""
-    head, tail = [], []
-    for v in views:
-        if at >= len(v):
-            head.append(v)
-            at -= len(v)
-        elif at > 0:
-            head.append(v[:at])
-            tail.append(v[at:])
-            at = 0
-        else:
-            tail.append(v)
-    return head, tail
-
-
 __all__ = [
     "DescChain",
     "GuestMemoryError",
     "QueueConfig",
     "QueueError",
     "Virtqueue",
-    "split_views",
     "VIRTQ_DESC_F_NEXT",
     "VIRTQ_DESC_F_WRITE",
 ]
