@@ -52,6 +52,8 @@ const char *arg_str(const char *key, const char *dflt);
 /* The number at *pp (before end): decimal or 0x hex, with an optional K/M/G
  * suffix (x1024) if `suffix`.  Advances *pp past it; 0, or -1 if malformed. */
 int parse_u64(const char **pp, const char *end, u64 *out, int suffix);
+/* The next space-separated word at *pp (which moves to its end), or NULL. */
+const char *cmdline_word(const char **pp);
 
 /* ---- machine ---- */
 int ncpus(void);

@@ -93,6 +93,18 @@ const char *cmdline(void) { return cmdline_buf; }
 
 static int is_space(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r'; }
 
+const char *cmdline_word(const char **pp)
+{
+        const char *p = *pp;
+        while (is_space(*p))
+                p++;
+        const char *w = p;
+        while (*p && !is_space(*p))
+                p++;
+        *pp = p;
+        return p == w ? 0 : w;
+}
+
 /*
  * Finds the last word "key=value" (or bare "key") and copies the value to
  * out.  Returns 0 if the key is absent.
@@ -101,15 +113,8 @@ static int find_arg(const char *key, char *out, size_t outsz)
 {
         size_t klen = strlen(key);
         int found = 0;
-        const char *p = cmdline_buf;
-        while (*p) {
-                while (is_space(*p))
-                        p++;
-                const char *w = p;
-                while (*p && !is_space(*p))
-                        p++;
-                if (p == w)
-                        break;
+        const char *p = cmdline_buf, *w;
+        while ((w = cmdline_word(&p))) {
                 if ((size_t)(p - w) >= klen && !strncmp(w, key, klen) &&
                     (w + klen == p || w[klen] == '=')) {
                         const char *v = w + klen + (w + klen < p);
@@ -127,18 +132,11 @@ static int find_arg(const char *key, char *out, size_t outsz)
 /* Every word's key must be declared by the workload (dotted keys are ignored). */
 static void check_params(void)
 {
-        const char *p = cmdline_buf;
-        while (*p) {
-                while (is_space(*p))
-                        p++;
-                const char *w = p;
-                while (*p && !is_space(*p) && *p != '=')
-                        p++;
-                size_t klen = (size_t)(p - w);
-                while (*p && !is_space(*p))
-                        p++;
-                if (p == w)
-                        break;
+        const char *p = cmdline_buf, *w;
+        while ((w = cmdline_word(&p))) {
+                size_t klen = 0;
+                while (w + klen < p && w[klen] != '=')
+                        klen++;
                 if (!klen)              /* "=value": report the whole word */
                         klen = (size_t)(p - w);
                 int known = 0, dotted = 0;

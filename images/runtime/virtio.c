@@ -11,9 +11,6 @@
 static struct virtio_mmio_info table[MAX_VIRTIO];
 static int table_n = -1;        /* -1: command line not parsed yet */
 
-static int is_space(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r'; }
-
-
 static void bad_word(const char *w, const char *end)
 {
         char buf[128];
@@ -30,15 +27,8 @@ static void parse_table(void)
         static const char key[] = "virtio_mmio.device=";
         const size_t klen = sizeof(key) - 1;
         table_n = 0;
-        const char *p = cmdline();
-        while (*p) {
-                while (is_space(*p))
-                        p++;
-                const char *w = p;
-                while (*p && !is_space(*p))
-                        p++;
-                if (p == w)
-                        break;
+        const char *p = cmdline(), *w;
+        while ((w = cmdline_word(&p))) {
                 if ((size_t)(p - w) < klen || strncmp(w, key, klen))
                         continue;
                 const char *q = w + klen;
