@@ -57,6 +57,7 @@ class ColoPrimary:
         self.output_listeners: list = []  # called with "release" after VMSTATE_RECEIVED (network comparator)
         self.dirty_log: DirtyLog | None = None
         self.host: vmstate.HostCaps | None = None
+        self._epoch = 0  # checkpoints captured so far (the initial copy counts): tags forwarded writes
 
     # ---- start-up -------------------------------------------------------------
 
@@ -91,7 +92,7 @@ class ColoPrimary:
 
     # ---- disks ------------------------------------------------------------------
 
-    _DISK_WRITE = struct.Struct("<HQ")
+    _DISK_WRITE = struct.Struct("<HQQ")  # disk, epoch (captures so far), offset
 
     def _sync_disks(self) -> None:
         """Initial sync: send only the MiB chunks whose hashes differ."""
@@ -106,7 +107,7 @@ class ColoPrimary:
             with open(image.path, "rb") as f:
                 for n, chunk in enumerate(differ, 1):
                     data = os.pread(f.fileno(), HASH_CHUNK, chunk * HASH_CHUNK)
-                    self.channel.send(Msg.DISK_WRITE, [self._DISK_WRITE.pack(index, chunk * HASH_CHUNK), data])
+                    self.channel.send(Msg.DISK_WRITE, [self._DISK_WRITE.pack(index, 0, chunk * HASH_CHUNK), data])
                     if n % 64 == 0 or n == len(differ):
                         log.info("disk %d: initial sync %d of %d MiB sent", index, n, len(differ))
         for index, device in enumerate(self.machine.block_devices()):
@@ -118,7 +119,7 @@ class ColoPrimary:
         if self._lost.is_set():
             return
         try:
-            self.channel.send(Msg.DISK_WRITE, [self._DISK_WRITE.pack(index, offset), *views])
+            self.channel.send(Msg.DISK_WRITE, [self._DISK_WRITE.pack(index, self._epoch, offset), *views])
         except ChannelError as e:
             self._lose(str(e))
 
@@ -128,6 +129,7 @@ class ColoPrimary:
         m = self.machine
         self.dirty_log = DirtyLog(m.kvm, m.vm.fd, m.vm.memory)
         cap = vmstate.capture(m, self.dirty_log, vmstate.KIND_FULL, None, self.host)
+        self._epoch = 1  # writes from now on belong after the initial copy
         parts = sections.encode(cap.sections)
         total = sections.encoded_size(parts)
         next_report = [0.0]
@@ -290,6 +292,7 @@ class ColoPrimary:
     def _capture(self) -> None:
         m = self.machine
         cap = vmstate.capture(m, self.dirty_log, vmstate.KIND_INCREMENTAL, None, self.host, self._ram_buffer)
+        self._epoch += 1  # guest paused, I/O thread held: no write is being forwarded right now
         ram = cap.sections[-1].payload
         if len(self._ram_buffer) < len(ram):
             self._ram_buffer = bytearray(len(ram) + (1 << 20))  # grown once, reused afterwards

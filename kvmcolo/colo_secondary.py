@@ -46,6 +46,7 @@ class ColoSecondary:
         self.disk_bases = list(disk_bases)
         self.overlays = list(overlays)
         self.pending = [PendingWrites(os.path.dirname(os.path.abspath(b))) for b in self.disk_bases]
+        self._loads = 0
         self.listen_addr = listen
         self.key = key
         self.options = options
@@ -223,22 +224,25 @@ class ColoSecondary:
 
     # ---- disks -------------------------------------------------------------------------
 
-    _DISK_WRITE = struct.Struct("<HQ")
+    _DISK_WRITE = struct.Struct("<HQQ")  # disk, epoch, offset
 
     def _pending_write(self, payload) -> None:
-        index, offset = self._DISK_WRITE.unpack_from(payload)
+        index, epoch, offset = self._DISK_WRITE.unpack_from(payload)
         if index >= len(self.pending):
             raise ProtocolError(f"write to disk {index}, but there are {len(self.pending)}")
-        self.pending[index].add(offset, bytes(payload[self._DISK_WRITE.size :]))
+        self.pending[index].add(offset, bytes(payload[self._DISK_WRITE.size :]), epoch)
 
     def _apply_disks(self) -> None:
-        """At a checkpoint (SVM paused): the primary's writes into the base
-        images (journaled), then the SVM's own writes thrown away."""
+        """At a load (SVM paused): the primary's writes made before that
+        state's capture into the base images (journaled), then the SVM's own
+        writes thrown away."""
+        self._loads += 1  # the initial copy is load 1: it takes the epoch-0 (initial sync) writes
         crash = (lambda: os._exit(70)) if os.environ.get("KVMCOLO_DEBUG_CRASH_IN_APPLY") else None
         for base, pending in zip(self.disk_bases, self.pending):
-            if len(pending):
-                apply_writes(base, pending, crash_hook=crash)
-                pending.clear()
+            batch = pending.before(self._loads)
+            if batch:
+                apply_writes(base, batch, crash_hook=crash)
+                pending.drop_before(self._loads)
         for overlay in self.overlays:
             overlay.drop()
 

@@ -33,26 +33,35 @@ HASH_CHUNK = 1 << 20
 
 
 class PendingWrites:
-    """Forwarded writes of one disk, in order, not yet applied."""
+    """Forwarded writes of one disk, in order, not yet applied.
+
+    Each write carries the epoch it was made in on the primary (how many
+    checkpoints it had captured by then), so a checkpoint takes exactly the
+    writes its capture saw: a write the resumed primary made after the
+    capture can overtake the checkpoint's own frames on the wire, but not
+    its epoch."""
 
     def __init__(self, scratch_dir: str | None = None, memory_limit: int = DEFAULT_MEMORY_LIMIT):
         self.memory_limit = memory_limit
         self._scratch_dir = scratch_dir
-        self._entries: list[tuple[int, bytes | None, int, int]] = []  # offset, data or None, spill offset, length
+        # (epoch, offset, data or None if spilled, spill offset, length), epochs non-decreasing
+        self._entries: list[tuple[int, int, bytes | None, int, int]] = []
         self._in_memory = 0
         self._spill = None
         self.bytes = 0
 
-    def add(self, offset: int, data: bytes) -> None:
+    def add(self, offset: int, data: bytes, epoch: int = 0) -> None:
+        if self._entries and epoch < self._entries[-1][0]:
+            raise ValueError(f"write of epoch {epoch} after one of epoch {self._entries[-1][0]}")
         if self._in_memory + len(data) <= self.memory_limit:
-            self._entries.append((offset, data, 0, len(data)))
+            self._entries.append((epoch, offset, data, 0, len(data)))
             self._in_memory += len(data)
         else:
             if self._spill is None:
                 self._spill = tempfile.TemporaryFile(dir=self._scratch_dir, buffering=0)
                 self._spill_end = 0
             os.pwrite(self._spill.fileno(), data, self._spill_end)
-            self._entries.append((offset, None, self._spill_end, len(data)))
+            self._entries.append((epoch, offset, None, self._spill_end, len(data)))
             self._spill_end += len(data)
         self.bytes += len(data)
 
@@ -60,10 +69,32 @@ class PendingWrites:
         return len(self._entries)
 
     def __iter__(self):
-        for offset, data, at, length in self._entries:
+        for _, offset, data, at, length in self._entries:
             if data is None:
                 data = os.pread(self._spill.fileno(), length, at)
             yield offset, data
+
+    def before(self, epoch: int) -> list[tuple[int, bytes]]:
+        """The writes made before `epoch`, in order (the front of the list)."""
+        n = self._count_before(epoch)
+        return list(self)[:n] if n else []
+
+    def drop_before(self, epoch: int) -> None:
+        n = self._count_before(epoch)
+        if n == len(self._entries):
+            self.clear()
+            return
+        for e in self._entries[:n]:
+            self.bytes -= e[4]
+            if e[2] is not None:
+                self._in_memory -= e[4]
+        del self._entries[:n]
+
+    def _count_before(self, epoch: int) -> int:
+        n = 0
+        while n < len(self._entries) and self._entries[n][0] < epoch:
+            n += 1
+        return n
 
     def clear(self) -> None:
         self._entries = []
@@ -86,8 +117,9 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def apply_writes(base_path: str, writes: PendingWrites, crash_hook=None) -> int:
-    """Apply `writes` to the base image through the journal; returns bytes applied."""
+def apply_writes(base_path: str, writes, crash_hook=None) -> int:
+    """Apply `writes` (a sequence of (offset, data)) to the base image through
+    the journal; returns bytes applied."""
     if not len(writes):
         return 0
     jpath = journal_path(base_path)
