@@ -3,6 +3,7 @@ control socket — as `kvmcolo run` and `kvmcolo restore` start it."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -113,25 +114,32 @@ class Vmm:
 
     # ---- life ---------------------------------------------------------------
 
-    def run(self, paused: bool = False) -> VmExit:
-        """Serve the control socket and run the guest until it ends
-        (paused: built and served, but held until 'cont')."""
+    @contextlib.contextmanager
+    def _serving(self):
+        """The control socket is up for the whole life of the guest; the COLO
+        link (if any) and the socket are closed however the run ends."""
         self.control.start()
         log.info("control socket: %s", self.control.path)
         try:
+            yield
+        finally:
+            if self.colo is not None:
+                self.colo.close()
+            self.control.close()
+
+    def run(self, paused: bool = False) -> VmExit:
+        """Serve the control socket and run the guest until it ends
+        (paused: built and served, but held until 'cont')."""
+        with self._serving():
             if paused:
                 self.machine.start_paused()
             else:
                 self.machine.start()
             return self.machine.wait()
-        finally:
-            self.control.close()
 
     def run_colo_primary(self) -> VmExit:
         """Connect, make the initial copy, then run the guest with checkpoints."""
-        self.control.start()
-        log.info("control socket: %s", self.control.path)
-        try:
+        with self._serving():
             self.colo.connect()
             self.colo.initial_copy()
             self.colo.start()
@@ -139,19 +147,11 @@ class Vmm:
             result = self.machine.wait()
             self.colo.goodbye(result.status, result.reason)
             return result
-        finally:
-            self.colo.close()
-            self.control.close()
 
     def run_colo_secondary(self) -> VmExit:
         """Wait for the primary, adopt its initial copy, run the SVM under checkpoints."""
-        self.control.start()
-        log.info("control socket: %s", self.control.path)
-        try:
+        with self._serving():
             self.colo.wait_for_primary()
             self.machine.start()
             self.colo.start()
             return self.machine.wait()
-        finally:
-            self.colo.close()
-            self.control.close()
