@@ -97,6 +97,14 @@ def _build_parser() -> argparse.ArgumentParser:
                       help="peer declared lost after this much silence (default 1000 ms)")
     boot.add_argument("--no-resume-early", dest="resume_early", action="store_false",
                       help="keep the primary paused until the secondary has loaded each checkpoint")
+    boot.add_argument("--compare-timeout", type=float, default=500, metavar="MS",
+                      help="a checkpoint is forced when a primary packet waits this long for the secondary's "
+                      "copy (default 500 ms)")
+    boot.add_argument("--max-queue", type=int, default=1024, metavar="N",
+                      help="held primary packets per connection before a checkpoint is forced (default 1024)")
+    boot.add_argument("--fence-command", metavar="CMD",
+                      help="run (sh -c) when the peer is lost, before going on alone or taking over: exit 0 = "
+                      "the peer is fenced; anything else = this side stops (exit 3) to avoid a split brain")
     boot.add_argument("--overlay-dir", metavar="DIR",
                       help="where the secondary mounts its disk overlays (default /run/kvmcolo/overlay)")
     boot.add_argument("--verify-every", type=int, default=0, metavar="N", help=argparse.SUPPRESS)
@@ -144,9 +152,10 @@ def _add_vm_options(parser, kernel_required: bool) -> None:
     parser.add_argument("--serial-log", metavar="FILE", help="write the guest console to FILE instead of stdout")
     parser.add_argument("--disk", action="append", default=[], metavar="PATH[,ro]",
                         help="virtio-blk disk backed by a raw image file (repeatable); ',ro' makes it read-only")
-    parser.add_argument("--net", action="append", default=[], metavar="tap[=NAME][,mac=MAC]",
+    parser.add_argument("--net", action="append", default=[], metavar="tap[=NAME][,mac=MAC][,bridge=BR]",
                         help="virtio-net on a tap device (repeatable): an existing tap NAME, or a new one "
-                        "(removed at exit); default MAC 52:54:00:12:34:56")
+                        "(removed at exit); default MAC 52:54:00:12:34:56; bridge=BR adds the tap to the host "
+                        "bridge BR (a COLO secondary does that only when it takes over)")
     parser.add_argument("--no-ioeventfd", dest="ioeventfd", action="store_false",
                         help="take queue notifications as MMIO exits instead of in-kernel ioeventfds (for measuring)")
     parser.add_argument("guest_args", nargs="*", metavar="-- PARAM", help="words appended to the command line")
@@ -187,8 +196,10 @@ def parse_net(text: str):
         key, _, value = o.partition("=")
         if key == "mac" and value:
             spec.mac = value
+        elif key == "bridge" and value:
+            spec.bridge = value
         else:
-            raise UserError(f"--net {text!r}: unknown option {o!r} (use mac=52:54:00:..)")
+            raise UserError(f"--net {text!r}: unknown option {o!r} (use mac=52:54:00:.. or bridge=BR)")
     return spec
 
 
@@ -276,7 +287,7 @@ def _cmd_boot(args) -> int:
         raise UserError("boot --secondary needs --listen HOST:PORT")
     if args.primary and not (args.kernel or args.image):
         raise UserError("boot --primary needs --kernel or --image")
-    for name in ("checkpoint_delay", "heartbeat_interval", "heartbeat_timeout"):
+    for name in ("checkpoint_delay", "heartbeat_interval", "heartbeat_timeout", "compare_timeout", "max_queue"):
         if getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive")
     if args.heartbeat_timeout <= args.heartbeat_interval:
@@ -284,8 +295,11 @@ def _cmd_boot(args) -> int:
     key = wire.load_key(args.key_file)
     options = ColoOptions(checkpoint_delay=args.checkpoint_delay / 1000, heartbeat_interval=args.heartbeat_interval / 1000,
                           heartbeat_timeout=args.heartbeat_timeout / 1000, resume_early=args.resume_early,
-                          verify_every=args.verify_every, debug_stall_ms=args.debug_stall_ms)  # fmt: skip
+                          verify_every=args.verify_every, debug_stall_ms=args.debug_stall_ms,
+                          compare_timeout=args.compare_timeout / 1000, max_queue=args.max_queue,
+                          fence_command=args.fence_command)  # fmt: skip
     config = _machine_config(args, boot_kernel=args.primary)
+    config.attach_bridges = bool(args.primary)  # the secondary's taps join their bridges at failover
     overlays, bases = [], []
     if args.secondary and config.disks:
         overlays, bases = _secondary_overlays(config, args.overlay_dir)

@@ -42,6 +42,8 @@ class Msg(enum.IntEnum):
     DISK_HASHES = 5  # secondary -> primary: per-MiB hashes of each base disk (initial sync)
     DISK_WRITE = 6  # primary -> secondary: u16 disk, u64 offset, data (outside the transaction table:
     #                 kept pending, applied at the next checkpoint's load)
+    NET_INBOUND = 7  # primary -> secondary: u16 NIC, u64 epoch, a frame the PVM received (mirror)
+    NET_OUTPUT = 8  # secondary -> primary: u16 NIC, u64 epoch, a frame the SVM sent (for comparison)
     CHECKPOINT_READY = 10  # secondary -> primary: running, ready for checkpoints
     CHECKPOINT_REQUEST = 11
     CHECKPOINT_REPLY = 12

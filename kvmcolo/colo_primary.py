@@ -2,10 +2,12 @@
 
 Threads: the checkpoint loop (timer or request triggers one), a receiver
 that reads every frame from the secondary (heartbeats only refresh
-liveness; replies go to an inbox), and the heartbeat sender.  Losing the
-secondary at any point — silence past the heartbeat timeout, a closed or
-broken connection, a frame that fails authentication — means: stop taking
-checkpoints, make sure the guest is running, and go on alone.
+liveness; the SVM's network output goes to the comparator; replies go to
+an inbox), and the heartbeat sender.  Losing the secondary at any point —
+silence past the heartbeat timeout, a closed or broken connection, a frame
+that fails authentication — means: stop taking checkpoints, make sure the
+guest is running, fence the secondary if a fence command is set (network
+output stays held until it succeeds), and go on alone.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import time
 
 from kvmcolo import sections, vmstate
 from kvmcolo.colo import Act, Msg, PrimaryCore, ProtocolError
-from kvmcolo.colo_session import CheckpointRecord, ColoOptions, ColoStatus, Heartbeat, config_message
+from kvmcolo.colo_net import PrimaryNetwork
+from kvmcolo.colo_session import CheckpointRecord, ColoOptions, ColoStatus, Heartbeat, config_message, fence_peer
 from kvmcolo.dirty_log import DirtyLog
 from kvmcolo.disk_replication import HASH_CHUNK, chunk_hashes, file_hash
 from kvmcolo.errors import UserError
@@ -54,7 +57,7 @@ class ColoPrimary:
         self._seq = 0
         self._heartbeat: Heartbeat | None = None
         self._ram_buffer = bytearray()
-        self.output_listeners: list = []  # called with "release" after VMSTATE_RECEIVED (network comparator)
+        self.network: PrimaryNetwork | None = None
         self.dirty_log: DirtyLog | None = None
         self.host: vmstate.HostCaps | None = None
         self._epoch = 0  # checkpoints captured so far (the initial copy counts): tags forwarded writes
@@ -152,6 +155,14 @@ class ColoPrimary:
         self.status.state = "colo"
 
     def start(self) -> None:
+        """Start replicating (before the guest first runs)."""
+        devices = self.machine.net_devices()
+        if devices:
+            self.network = PrimaryNetwork(devices, self.machine.taps, self.channel.send, lambda: self._epoch,
+                                          self.request_checkpoint, self.options.compare_timeout,
+                                          self.options.max_queue)  # fmt: skip
+            self.status.net_stats = self.network.stats
+            self.network.start()
         self._heartbeat = Heartbeat(self.channel, self.options.heartbeat_interval, self._lose)
         self._heartbeat.start()
         threading.Thread(target=self._receive, name="colo-recv", daemon=True).start()
@@ -180,6 +191,8 @@ class ColoPrimary:
 
     def close(self) -> None:
         self._stopping.set()
+        if self.network is not None:
+            self.network.stop()
         if self._heartbeat:
             self._heartbeat.stop()
         if self.channel is not None:
@@ -190,7 +203,16 @@ class ColoPrimary:
     def _receive(self) -> None:
         try:
             while not self._lost.is_set():
-                mtype, _ = self.channel.recv()
+                mtype, payload = self.channel.recv()
+                if mtype == Msg.NET_OUTPUT:
+                    if self.network is not None:
+                        self.network.from_secondary(payload)
+                    continue
+                if mtype == Msg.VMSTATE_RECEIVED and self.network is not None:
+                    # Released here, in channel order: every frame the SVM sent
+                    # before loading this checkpoint came before it, every later
+                    # one comes after (the checkpoint thread would be too late).
+                    self.network.checkpoint_received(self._epoch)
                 if mtype != Msg.HEARTBEAT:
                     self._inbox.put(mtype)
         except ChannelError as e:
@@ -202,7 +224,8 @@ class ColoPrimary:
             if self._lost.is_set():
                 return
             self._lost.set()
-        self.status.state = "alone"
+        fencing = bool(self.options.fence_command)
+        self.status.state = "fencing" if fencing else "alone"
         self.status.phase = "idle"
         self.status.failover("secondary lost; the primary goes on alone", reason)
         self._inbox.put(None)
@@ -213,6 +236,19 @@ class ColoPrimary:
         if self._paused_by_us:
             self._paused_by_us = False
             self.machine.resume()
+        if fencing:  # the guest runs on meanwhile; its network output stays held
+            threading.Thread(target=self._fence_then_go_on, args=(reason,), name="colo-fence", daemon=True).start()
+        elif self.network is not None:
+            self.network.alone()
+
+    def _fence_then_go_on(self, reason: str) -> None:
+        if fence_peer(self.options.fence_command, "primary", self.status.peer, reason, self.options.fence_timeout):
+            self.status.state = "alone"
+            if self.network is not None:
+                self.network.alone()
+            return
+        self.status.state = "fenced-out"
+        self.machine.vm.request_exit(3, "could not fence the secondary: the primary stops to avoid a split brain")
 
     def _loop(self) -> None:
         while not self._lost.is_set() and not self._stopping.is_set():
@@ -245,6 +281,8 @@ class ColoPrimary:
         self._seq += 1
         self._rec = {"reason": reason, "t0": time.perf_counter()}
         self.status.phase = "requested"
+        if self.network is not None:
+            self.network.checkpoint_started()
         for act in self.core.start_checkpoint():
             self._do(act)
         timeout = self.options.heartbeat_timeout * 3
@@ -281,8 +319,7 @@ class ColoPrimary:
                     ch.send(Msg.VMSTATE_DATA, self._parts)
                 self.status.phase = "waiting"
             elif act is Act.RELEASE_OUTPUT:
-                for listener in self.output_listeners:
-                    listener("release")
+                pass  # done by the receiver thread as VMSTATE_RECEIVED arrived (see _receive)
             elif act is Act.CHECKPOINT_DONE:
                 self._finish_record()
         except ChannelError as e:

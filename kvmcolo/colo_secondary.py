@@ -11,7 +11,9 @@ own consistent state.
 
 Losing the primary (silence past the heartbeat timeout, a closed or broken
 connection, a frame that fails authentication) means failover: finish a
-load in progress, resume the SVM and go on alone.
+load in progress, fence the primary if a fence command is set, take the
+network over (taps onto their bridges, the guest announced), resume the SVM
+and go on alone.
 """
 
 from __future__ import annotations
@@ -26,8 +28,10 @@ import time
 
 from kvmcolo import sections, vmstate
 from kvmcolo.colo import Act, Failover, Msg, ProtocolError, SecondaryCore, SState
+from kvmcolo.colo_net import SecondaryNetwork
 from kvmcolo.colo_session import (CheckpointRecord, ColoOptions, ColoStatus, Heartbeat, config_message,
-                                  config_mismatch)  # fmt: skip
+                                  config_mismatch, fence_peer)  # fmt: skip
+from kvmcolo.devices.virtio_net import parse_mac
 from kvmcolo.dirty_log import DirtyLog, merge_and_copy, scatter_pages
 from kvmcolo.disk_replication import PendingWrites, apply_writes, chunk_hashes, file_hash
 from kvmcolo.errors import UserError
@@ -63,6 +67,7 @@ class ColoSecondary:
         self._ended = threading.Event()
         self._lock = threading.Lock()
         self.goodbye: dict | None = None
+        self.network: SecondaryNetwork | None = None
         self._server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -123,11 +128,26 @@ class ColoSecondary:
         self.dirty_log.collect()  # arm: from here on, the SVM's own writes are tracked
         ch.timeout = self.options.heartbeat_timeout
         ch.sock.settimeout(self.options.heartbeat_timeout)
+        self._setup_network()
         ch.send(Msg.VMSTATE_LOADED)
         self.status.state = "colo"
         log.info("initial copy from %s loaded (%d pages); COLO is running", peer, sum(r[3] for r in snap.ram))
 
+    def _setup_network(self) -> None:
+        """The SVM's NICs take mirrored input and send to the primary; the
+        taps stay off their bridges until a failover."""
+        devices = self.machine.net_devices()
+        if not devices:
+            return
+        nets = self.machine.config.nets
+        self.network = SecondaryNetwork(devices, self.machine.taps, [n.bridge for n in nets],
+                                        [parse_mac(n.mac) for n in nets], self.channel.send,
+                                        lambda: self._loads)  # fmt: skip
+        self.status.net_stats = self.network.stats
+
     def start(self) -> None:
+        if self.network is not None:
+            self.network.start()
         self._heartbeat = Heartbeat(self.channel, self.options.heartbeat_interval,
                                     lambda why: self.fail_over(f"heartbeat send failed: {why}"))  # fmt: skip
         self._heartbeat.start()
@@ -147,6 +167,10 @@ class ColoSecondary:
                     return
                 if msg is Msg.DISK_WRITE:
                     self._pending_write(payload)
+                    continue
+                if msg is Msg.NET_INBOUND:
+                    if self.network is not None:
+                        self.network.from_primary(payload)
                     continue
                 size = int.from_bytes(payload, "little") if msg is Msg.VMSTATE_SIZE else len(payload)
                 for act in self.core.on_message(msg, size):
@@ -214,6 +238,8 @@ class ColoSecondary:
             merge_and_copy(dirty, pages, count, dirty.region, cache[slot].host_addr)
         self._apply_disks()
         vmstate.apply(self.machine, snap)
+        if self.network is not None:
+            self.network.checkpoint_loaded(self._loads)
         if self.options.verify_every and self._seq % self.options.verify_every == 0:
             hashes = vmstate.state_hashes(self.machine, self.host)
             for i, base in enumerate(self.disk_bases):
@@ -263,12 +289,19 @@ class ColoSecondary:
             self._heartbeat.stop()
         if self.channel is not None:
             self.channel.close()
+        if not fence_peer(self.options.fence_command, "secondary", self.status.peer, self.failover_state.reason,
+                          self.options.fence_timeout):  # fmt: skip
+            self.status.state = "fenced-out"
+            self.machine.vm.request_exit(3, "could not fence the primary: the secondary does not take over")
+            return
         # The SVM's own disk writes match its own state: they become the disk.
         # The primary's writes since the last checkpoint are dropped with it.
         for pending in self.pending:
             pending.clear()
         for overlay in self.overlays:
             overlay.commit()
+        if self.network is not None:
+            self.network.take_over()
         # Stopped for a checkpoint that never completed: the SVM's own state is
         # consistent (nothing of the checkpoint was applied), so it just goes on.
         if self.machine.paused:
@@ -288,6 +321,8 @@ class ColoSecondary:
 
     def close(self) -> None:
         self._ended.set()
+        if self.network is not None:
+            self.network.stop()
         if self._heartbeat:
             self._heartbeat.stop()
         if self.channel is not None:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import os
+import subprocess
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -33,6 +35,10 @@ class ColoOptions:
     resume_early: bool = True
     verify_every: int = 0  # debug: hash the whole state every Nth checkpoint on both sides
     debug_stall_ms: int = 0  # debug: the primary pauses this long halfway through each transfer
+    compare_timeout: float = 0.5  # seconds a primary frame may wait for its secondary twin (netcompare)
+    max_queue: int = 1024  # held primary frames per connection before a checkpoint is forced
+    fence_command: str | None = None  # run when the peer is lost; exit 0 = peer fenced, go on
+    fence_timeout: float = 60.0
 
 
 @dataclass
@@ -60,6 +66,7 @@ class ColoStatus:
         self.failovers: list[dict] = []
         self.hashes: dict[int, dict] = {}  # debug: seq -> state hashes
         self.phase = "idle"  # for tests: where in a checkpoint we are
+        self.net_stats = None  # () -> dict of the network side's counters, once it runs
         self._lock = threading.Lock()
 
     def record(self, rec: CheckpointRecord) -> None:
@@ -85,6 +92,7 @@ class ColoStatus:
                 "recent": [asdict(r) for r in self.recent],
                 "failovers": list(self.failovers),
                 "hashes": {str(k): v for k, v in self.hashes.items()},
+                "net": self.net_stats() if self.net_stats else None,
             }
 
 
@@ -112,6 +120,29 @@ class Heartbeat:
                 except ChannelError as e:
                     self._on_lost(str(e))
                     return
+
+
+def fence_peer(command: str | None, role: str, peer: str | None, reason: str, timeout: float) -> bool:
+    """Split-brain protection: before this side goes on alone (primary) or
+    takes over (secondary), the operator's fence command must confirm the
+    peer can no longer act — powered off, or this side won an arbiter's
+    lock.  Exit 0: go on.  Anything else (or no answer in time): do not.
+    Without a command, this side goes on (a lost link is taken as a dead peer)."""
+    if not command:
+        return True
+    env = {**os.environ, "KVMCOLO_ROLE": role, "KVMCOLO_PEER": peer or "", "KVMCOLO_REASON": reason}
+    log.warning("peer lost (%s): running the fence command", reason)
+    try:
+        result = subprocess.run(command, shell=True, env=env, timeout=timeout, capture_output=True, text=True)
+    except subprocess.TimeoutExpired:
+        log.error("the fence command did not finish within %.0f s", timeout)
+        return False
+    if result.returncode != 0:
+        tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or [""]
+        log.error("the fence command failed (exit %d) %s", result.returncode, tail[0])
+        return False
+    log.warning("the fence command confirmed the peer is fenced")
+    return True
 
 
 def config_message(machine, host_meta: dict, options: ColoOptions) -> bytes:

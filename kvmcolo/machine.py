@@ -53,6 +53,7 @@ class DiskSpec:
 class NetSpec:
     tap: str | None = None  # None: create a tap named kvmcoloN
     mac: str = DEFAULT_MAC
+    bridge: str | None = None  # the host bridge the tap joins (the guest's way to the LAN)
 
 
 @dataclass
@@ -67,6 +68,7 @@ class MachineConfig:
     disks: list[DiskSpec] = field(default_factory=list)
     nets: list[NetSpec] = field(default_factory=list)
     ioeventfd: bool = True  # queue notifications in the kernel (False: an MMIO exit each)
+    attach_bridges: bool = True  # False on a COLO secondary: its tap joins the bridge only at failover
 
 
 class Machine:
@@ -138,6 +140,8 @@ class Machine:
             tap = TapBackend(spec.tap)
             self._closables.append(tap)
             self.taps.append(tap)
+            if spec.bridge and self.config.attach_bridges:
+                tap.join_bridge(spec.bridge)
             devices.append((f"virtio-net {tap.name}", VirtioNet(tap, mac, self.loop)))
         for i, (name, device) in enumerate(devices):
             base = VIRTIO_MMIO_BASE + i * VIRTIO_MMIO_STRIDE
@@ -177,7 +181,7 @@ class Machine:
             "cpus": self.config.cpus,
             "disks": [{"path": os.path.abspath(d.path), "readonly": d.readonly, "size": img.size}
                       for d, img in zip(self.config.disks, self.disk_images)],
-            "nets": [{"tap": tap.name, "mac": n.mac} for n, tap in zip(self.config.nets, self.taps)],
+            "nets": [{"tap": tap.name, "mac": n.mac, "bridge": n.bridge} for n, tap in zip(self.config.nets, self.taps)],
             "ioeventfd": self.config.ioeventfd,
         }  # fmt: skip
 
@@ -186,11 +190,15 @@ class Machine:
         config = MachineConfig(
             kernel="", mem_size=shape["mem_size"], cpus=shape["cpus"], ioeventfd=shape["ioeventfd"],
             disks=[DiskSpec(d["path"], d["readonly"]) for d in shape["disks"]],
-            nets=[NetSpec(n["tap"], n["mac"]) for n in shape["nets"]],
+            nets=[NetSpec(n["tap"], n["mac"], n.get("bridge")) for n in shape["nets"]],
         )  # fmt: skip
         for key, value in overrides.items():
             setattr(config, key, value)
         return config
+
+    def net_devices(self) -> list[VirtioNet]:
+        """The virtio-net devices, in --net order."""
+        return [t.device for t in self.virtio if isinstance(t.device, VirtioNet)]
 
     def block_devices(self) -> list[VirtioBlock]:
         """The virtio-blk devices, in --disk order."""

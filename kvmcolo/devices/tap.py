@@ -59,6 +59,27 @@ class TapBackend:
             ipr.link("set", index=index, state="up")
         self.name = name
 
+    def join_bridge(self, bridge: str) -> None:
+        """Make the tap a port of `bridge` (the host's way to the LAN)."""
+        with IPRoute() as ipr:
+            master = _link_index(ipr, bridge)
+            if master is None:
+                raise UserError(f"bridge {bridge!r} does not exist (create it: ip link add {bridge} type bridge)")
+            try:
+                ipr.link("set", index=_link_index(ipr, self.name), master=master)
+            except Exception as e:  # noqa: BLE001 - pyroute2 raises NetlinkError with the errno
+                raise UserError(f"cannot add tap {self.name!r} to bridge {bridge!r}: {e}")
+
+    def drain(self) -> int:
+        """Throw away every frame queued on the tap; returns how many."""
+        n = 0
+        while True:
+            try:
+                os.read(self.fd, 65536)
+            except BlockingIOError:
+                return n
+            n += 1
+
     def fileno(self) -> int:
         return self.fd
 

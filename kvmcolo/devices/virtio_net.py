@@ -91,6 +91,23 @@ class VirtioNet:
         elif queue == RX:
             self._receive()  # new buffers: take what waited in the backend
 
+    def set_backend(self, backend: PacketBackend) -> None:
+        """Swap the packet backend (COLO puts its ports in front of the tap;
+        failover swaps again).  Under the transport lock, so no frame is
+        half moved; the I/O loop then watches the new backend's fd."""
+        transport = self._transport
+        if transport is None:
+            self.backend = backend
+            return
+        with transport.lock:
+            watching = self._watching
+            self._watch(False)
+            self.backend = backend
+            if self._rx is not None:
+                self._receive()  # what the new backend already holds; watches its fd when it runs dry
+            elif watching:
+                self._watch(True)
+
     # ---- data path (transport lock held) ---------------------------------------
 
     def _watch(self, on: bool) -> None:
