@@ -102,6 +102,8 @@ class PrimaryNetwork:
         for device, port in zip(devices, self.ports):
             device.set_backend(port)
         self._ticker = Ticker("colo-net-tick", 0.01, self._tick)
+        self._t_in = {}
+        self.holds = []
 
     def start(self) -> None:
         self._ticker.start()
@@ -112,6 +114,7 @@ class PrimaryNetwork:
     # events
 
     def from_guest(self, nic: int, frame: bytes) -> None:
+        self._t_in[id(frame)] = time.perf_counter()
         with self._lock:
             self._do(nic, self.comparators[nic].primary(frame, self._epoch(), time.monotonic()))
 
@@ -161,7 +164,8 @@ class PrimaryNetwork:
     def stats(self) -> dict:
         with self._lock:
             out = [c.stats() for c in self.comparators]
-        return {"nics": out, "mirroring": self.mirroring, "mirror_errors": self.mirror_errors}
+        h = sorted(self.holds[-3000:])
+        return {"nics": out, "mirroring": self.mirroring, "mirror_errors": self.mirror_errors, "hold_p50_us": h[len(h)//2]*1e6 if h else None}
 
     def _tick(self) -> None:
         now = time.monotonic()
@@ -174,6 +178,9 @@ class PrimaryNetwork:
         for act in actions:
             if isinstance(act, Release):
                 port.transmit(act.frame)
+                t0 = self._t_in.pop(id(act.frame), None)
+                if t0 and len(act.frame) > 54:
+                    self.holds.append(time.perf_counter() - t0)
             elif isinstance(act, RequestCheckpoint):
                 self._request_checkpoint(act.reason)
 
@@ -214,8 +221,10 @@ class SecondaryNetwork:
     """The SVM's NICs: mirrored input in, output to the primary, and the
     takeover of the taps at failover."""
 
-    def __init__(self, devices, taps, bridges, macs, send, epoch):
-        """`send(mtype, parts)` raises ChannelError; `epoch()`: loads so far."""
+    def __init__(self, devices, taps, bridges, macs, send, epoch, paused):
+        """`send(mtype, parts)` raises ChannelError; `epoch()`: loads so far;
+        `paused()`: the SVM is stopped (for a checkpoint)."""
+        self._paused = paused
         self._devices = devices
         self._taps = taps
         self._bridges = bridges
@@ -244,7 +253,13 @@ class SecondaryNetwork:
         if epoch < self._epoch():  # the PVM had it before a checkpoint the SVM already loaded
             self.ports[nic].counters["dropped_at_checkpoint"] += 1
             return
-        self.ports[nic].queue_frame(bytearray(payload[FRAME_HEADER.size :]), epoch)
+        # Delivered from this (the receiver) thread unless the SVM is stopped
+        # for a checkpoint — which only this thread does, so the check holds;
+        # a stopped SVM gets the frame from the I/O thread after it resumes.
+        direct = not self._paused()
+        self.ports[nic].queue_frame(bytearray(payload[FRAME_HEADER.size :]), epoch, wake=not direct)
+        if direct:
+            self._devices[nic].poll_backend()
 
     def to_primary(self, nic: int, frame) -> None:
         try:
@@ -321,10 +336,11 @@ class SecondaryPort:
     def fileno(self) -> int:
         return self._wake
 
-    def queue_frame(self, frame: bytearray, epoch: int) -> None:
+    def queue_frame(self, frame: bytearray, epoch: int, wake: bool = True) -> None:
         with self._lock:
             self._queued.append((frame, epoch))
-        os.eventfd_write(self._wake, 1)
+        if wake:
+            os.eventfd_write(self._wake, 1)
 
     def recv_into(self, views: list[memoryview]) -> int:
         frame = self._next_frame()

@@ -117,6 +117,12 @@ class VirtioNet:
             self._loop.remove_reader(self.backend.fileno())
         self._watching = on
 
+    def poll_backend(self) -> None:
+        """Take what the backend holds now, from any thread (a COLO secondary
+        delivers mirrored frames from its receiver thread: one thread hop
+        fewer than waking the I/O thread)."""
+        self._on_readable()
+
     def _on_readable(self) -> None:
         transport = self._transport
         if transport is None:

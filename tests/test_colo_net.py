@@ -1,0 +1,232 @@
+"""Network COLO end to end: the lab's LAN (client, hostA, hostB namespaces
+on a bridge, plus a replication link), `netsrv` under COLO as two real
+`kvmcolo boot` processes, real clients.  Every reply the client sees is
+checked; failovers must leave the client's TCP session intact — no
+reconnect, no gap, no duplicate."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import time
+
+import pytest
+
+from kvmcolo import control, lab
+from kvmcolo.errors import UserError
+from vmm_process import GuestProcess
+
+
+class LabPair:
+    """The lab with the secondary on hostB and the primary on hostA."""
+
+    def __init__(self, tmp_path, guest_args=(), primary=(), secondary=()):
+        self.tmp = tmp_path
+        self.key = tmp_path / "colo.key"
+        self.key.write_text(os.urandom(24).hex())
+        self.lab = lab.Lab()
+        self.a = self.b = None
+        try:
+            self.b = GuestProcess(self.lab.host_b.cmd(*lab.boot_args("B", self.key, self.sock("b"), secondary)))
+            self._wait_socket(self.b, "b")
+            self.a = GuestProcess(self.lab.host_a.cmd(*lab.boot_args("A", self.key, self.sock("a"), primary,
+                                                                      guest_args)))  # fmt: skip
+            self.a.wait_line(r"netsrv: ready", timeout=60)
+            self.wait(lambda: self.colo("a")["state"] == "colo", "COLO running")
+        except BaseException:
+            self.close()
+            raise
+
+    def sock(self, side: str) -> str:
+        return str(self.tmp / f"{side}.sock")
+
+    def colo(self, side: str) -> dict:
+        return control.call(self.sock(side), "query-colo")
+
+    def _wait_socket(self, proc: GuestProcess, side: str) -> None:
+        self.wait(lambda: os.path.exists(self.sock(side)), f"{side}'s control socket", proc=proc)
+
+    def wait(self, condition, what: str, timeout: float = 30, proc: GuestProcess | None = None) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if condition():
+                    return
+            except (OSError, UserError):
+                pass
+            for p in (proc, self.a, self.b):
+                if p is not None and p.proc.poll() is not None and p is not getattr(self, "_killed", None):
+                    raise AssertionError(f"a VMM exited while waiting for {what}:\n" + "\n".join(p.stderr_lines[-15:]))
+            time.sleep(0.05)
+        raise AssertionError(f"timed out waiting for {what}")
+
+    def client(self) -> lab.CounterClient:
+        return lab.CounterClient(self.lab.client)
+
+    def kill(self, side: str) -> None:
+        proc = self.a if side == "a" else self.b
+        self._killed = proc
+        proc.proc.send_signal(signal.SIGKILL)
+        proc.proc.wait(10)
+
+    def close(self) -> None:
+        for p in (self.a, self.b):
+            if p is not None:
+                p.stop(timeout=5)
+        self.lab.close()
+
+
+@pytest.fixture
+def pair_factory(images, tmp_path):
+    made = []
+
+    def make(**kw) -> LabPair:
+        made.append(LabPair(tmp_path, **kw))
+        return made[-1]
+
+    yield make
+    for p in made:
+        p.close()
+
+
+def net_reasons(info: dict) -> dict:
+    return {r: n for r, n in info["reasons"].items() if r.startswith("net-")}
+
+
+def test_services_under_colo_with_python_curl_nc_and_ping(pair_factory):
+    pair = pair_factory()
+    with pair.client() as c:
+        values = [c.request() for _ in range(300)]
+    assert lab.check_sequence(values) == [] and values[0] >= 1
+    ns = pair.lab.client
+    http = ns.run("curl", "-sS", "--max-time", "10", f"http://{lab.GUEST_ADDR}/counter")
+    assert http.returncode == 0 and re.fullmatch(r"\d+\n", http.stdout), http
+    assert int(http.stdout) == values[-1] + 1
+    echo = ns.run("sh", "-c", f"printf 'hello colo\\n' | nc -N -w 5 {lab.GUEST_ADDR} 7")
+    assert echo.stdout == "hello colo\n", echo
+    lines = ns.run("sh", "-c", f"printf 'a\\nb\\n' | nc -N -w 5 {lab.GUEST_ADDR} {lab.COUNTER_PORT}")
+    assert lines.stdout.split() == [str(values[-1] + 2), str(values[-1] + 3)], lines
+    with pair.lab.client.entered():
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.settimeout(5)
+    for i in range(20):
+        udp.sendto(b"datagram %d" % i, (lab.GUEST_ADDR, 7))
+        assert udp.recvfrom(2048)[0] == b"datagram %d" % i
+    udp.close()
+    ping = ns.run("ping", "-c", "5", "-i", "0.2", "-W", "2", lab.GUEST_ADDR)
+    assert ping.returncode == 0 and " 0% packet loss" in ping.stdout, ping.stdout
+    a = pair.colo("a")
+    assert net_reasons(a) == {}, a["reasons"]  # identical guests: the comparator never asked for a checkpoint
+    nic = a["net"]["nics"][0]
+    assert nic["matched"] >= 300 + 20 and nic["passthrough"] >= 1 and nic["held"] == 0
+    assert a["state"] == "colo" and not a["failovers"]
+
+
+def test_rewriter_connection_with_different_isns_runs_thousands_of_requests_without_mismatch(pair_factory):
+    # Checkpoints far apart: the whole connection lives between two of them,
+    # so the PVM's and SVM's ISNs (RDRAND) differ for all of it.
+    pair = pair_factory(primary=["--checkpoint-delay", "60000"])
+    before = pair.colo("a")["checkpoints"]
+    with pair.client() as c:
+        values = [c.request() for _ in range(3000)]
+    assert lab.check_sequence(values) == []
+    a, b = pair.colo("a"), pair.colo("b")
+    assert net_reasons(a) == {}, a["reasons"]
+    assert a["checkpoints"] == before, "a checkpoint happened: the connection did not run on two sequence spaces"
+    rewriter = b["net"]["nics"][0]["rewriter"]
+    assert rewriter["learned"] >= 1 and rewriter["rewritten_out"] >= 3000 and rewriter["rewritten_in"] >= 3000
+
+
+_DIVERGE_REPLY = re.compile(rb"^(\d+)( [0-9a-f]{16})?\n$")
+
+
+def test_divergent_replies_force_checkpoints_and_the_client_sees_one_version(pair_factory):
+    pair = pair_factory(guest_args=["diverge=10"])
+    with pair.lab.client.entered():
+        s = socket.create_connection((lab.GUEST_ADDR, lab.COUNTER_PORT), timeout=20)
+    buf = b""
+    values = []
+    try:
+        for _ in range(100):
+            s.sendall(b"\n")
+            while b"\n" not in buf:
+                chunk = s.recv(256)
+                assert chunk, "connection closed"
+                buf += chunk
+            line, buf = buf.split(b"\n", 1)
+            m = _DIVERGE_REPLY.match(line + b"\n")
+            assert m, f"a reply that is no single version: {line!r}"
+            n = int(m.group(1))
+            assert bool(m.group(2)) == (n % 10 == 0), line  # the random suffix exactly where the guest adds it
+            values.append(n)
+    finally:
+        s.close()
+    assert lab.check_sequence(values) == []
+    divergent = sum(1 for n in values if n % 10 == 0)
+    a = pair.colo("a")
+    assert a["reasons"].get("net-mismatch tcp", 0) >= divergent // 2, a["reasons"]
+    assert a["net"]["nics"][0]["mismatch_tcp"] >= divergent // 2
+    assert a["state"] == "colo"
+
+
+def run_through_failover(pair: LabPair, kill, survivor: str, after_s: float = 4.0) -> dict:
+    """A long counter session; `kill()` mid-stream; the session must go on."""
+    with pair.client() as c:
+        c.start(200)
+        pair.wait(lambda: len(c.records) >= 300, "300 replies before the failure")
+        t_fail = time.monotonic()
+        kill()
+        pair.wait(lambda: pair.colo(survivor)["failovers"], f"{survivor} to notice", timeout=15)
+        pair.wait(lambda: sum(1 for t, _, _ in c.records if t > t_fail) >= 200, "200 replies after the failure",
+                  timeout=30)  # fmt: skip
+        time.sleep(after_s / 4)
+        c.stop()
+        assert c.error is None, c.error  # never reset, never reconnected
+        assert lab.check_sequence(c.values()) == []  # no gap, no duplicate
+        gap, _ = c.longest_gap()
+    info = pair.colo(survivor)
+    info["longest_gap_s"] = gap
+    return info
+
+
+def test_failover_primary_killed_mid_stream(pair_factory):
+    pair = pair_factory()
+    info = run_through_failover(pair, lambda: pair.kill("a"), "b")
+    assert info["state"] == "active"
+    assert info["net"]["active"] and info["net"]["nics"][0]["guest_ip"] == lab.GUEST_ADDR
+
+
+def test_failover_secondary_killed_mid_stream(pair_factory):
+    pair = pair_factory()
+    info = run_through_failover(pair, lambda: pair.kill("b"), "a")
+    assert info["state"] == "alone" and info["net"]["mirroring"] is False
+    assert info["net"]["nics"][0]["held"] == 0
+
+
+def test_failover_replication_link_cut_with_fencing(pair_factory, tmp_path):
+    """A cut link looks like a dead peer to both sides.  The secondary's fence
+    command kills the primary (STONITH); the primary's waits longer and then
+    refuses, so it never goes on alone — and holds its output meanwhile."""
+    pid_file = tmp_path / "a.pid"
+    pair = pair_factory(primary=["--fence-command", "sleep 8; exit 1"],
+                        secondary=["--fence-command", f"kill -9 $(cat {pid_file})"])  # fmt: skip
+    pid_file.write_text(str(pair.a.proc.pid))
+
+    def cut() -> None:
+        pair._killed = pair.a  # it will be fenced
+        pair.lab.host_a.ip("link", "set", "repA", "down")
+
+    info = run_through_failover(pair, cut, "b")
+    assert info["state"] == "active"
+    assert pair.a.proc.wait(10) == -signal.SIGKILL  # fenced by the secondary
+    assert any("fence command confirmed" in line for line in pair.b.stderr_lines)
+
+
+def test_failed_fence_stops_the_side_that_lost(pair_factory):
+    pair = pair_factory(secondary=["--fence-command", "echo arbiter says no >&2; exit 1"])
+    pair._killed = pair.b
+    pair.kill("a")
+    assert pair.b.proc.wait(15) == 3
+    assert any("could not fence the primary" in line for line in pair.b.stderr_lines)
