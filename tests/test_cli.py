@@ -115,3 +115,20 @@ def test_help_explains_run():
     assert proc.returncode == 0
     for word in ("--kernel", "--image", "--mem", "--cpus", "--cmdline", "Examples"):
         assert word in proc.stdout
+
+
+def test_bridge_that_does_not_exist(kvm_device):
+    assert_user_error(kvmcolo_cmd("run", "--image", "hello", "--net", "tap=kvmcolotest9,bridge=nosuchbr0"),
+                      "bridge 'nosuchbr0' does not exist")  # fmt: skip
+
+
+def test_unknown_net_option():
+    assert_user_error(kvmcolo_cmd("run", "--image", "hello", "--net", "tap,colour=blue"), "unknown option", "bridge=BR")
+
+
+@pytest.mark.parametrize("option,value", [("--compare-timeout", "0"), ("--max-queue", "-1")])
+def test_nonpositive_compare_limits(tmp_path, option, value):
+    key = tmp_path / "key"
+    key.write_text("x" * 32)
+    assert_user_error(kvmcolo_cmd("boot", "--secondary", "--listen", "127.0.0.1:7777", "--key-file", str(key),
+                                  option, value), "must be positive")  # fmt: skip
