@@ -102,8 +102,6 @@ class PrimaryNetwork:
         for device, port in zip(devices, self.ports):
             device.set_backend(port)
         self._ticker = Ticker("colo-net-tick", 0.01, self._tick)
-        self._t_in = {}
-        self.holds = []
 
     def start(self) -> None:
         self._ticker.start()
@@ -114,7 +112,6 @@ class PrimaryNetwork:
     # events
 
     def from_guest(self, nic: int, frame: bytes) -> None:
-        self._t_in[id(frame)] = time.perf_counter()
         with self._lock:
             self._do(nic, self.comparators[nic].primary(frame, self._epoch(), time.monotonic()))
 
@@ -164,8 +161,7 @@ class PrimaryNetwork:
     def stats(self) -> dict:
         with self._lock:
             out = [c.stats() for c in self.comparators]
-        h = sorted(self.holds[-3000:])
-        return {"nics": out, "mirroring": self.mirroring, "mirror_errors": self.mirror_errors, "hold_p50_us": h[len(h)//2]*1e6 if h else None}
+        return {"nics": out, "mirroring": self.mirroring, "mirror_errors": self.mirror_errors}
 
     def _tick(self) -> None:
         now = time.monotonic()
@@ -178,9 +174,6 @@ class PrimaryNetwork:
         for act in actions:
             if isinstance(act, Release):
                 port.transmit(act.frame)
-                t0 = self._t_in.pop(id(act.frame), None)
-                if t0 and len(act.frame) > 54:
-                    self.holds.append(time.perf_counter() - t0)
             elif isinstance(act, RequestCheckpoint):
                 self._request_checkpoint(act.reason)
 
