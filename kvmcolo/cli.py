@@ -138,6 +138,10 @@ def _build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("images", help="build the built-in tiny guests and list them",
                    description="Build (if needed) and list the built-in tiny guests.")  # fmt: skip
+
+    from kvmcolo import demo  # the standard library only: cheap to import here
+
+    demo.add_arguments(sub.add_parser("demo", help=demo.HELP, description=demo.DESCRIPTION))
     return p
 
 
@@ -444,6 +448,10 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_restore(args)
         if args.command == "boot":
             return _cmd_boot(args)
+        if args.command == "demo":
+            from kvmcolo import demo
+
+            return demo.main(args)
         if args.command in ("status", "stop", "cont", "stats", "quit", "snapshot", "failover", "checkpoint"):
             return _cmd_client(args)
         _build_parser().print_help()

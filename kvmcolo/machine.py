@@ -264,6 +264,7 @@ class Machine:
 
     def close(self) -> None:
         self.serial.flush()
+        self.loop.stop()  # first: a device callback must not raise an interrupt on a closed VM fd
         self.vm.close()
         self._close_devices()
         if self._owns_kvm:
