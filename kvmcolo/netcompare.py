@@ -80,8 +80,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from . import packets
-from .packets import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, seq_add, seq_diff
+from kvmcolo import packets
+from kvmcolo.packets import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, seq_add, seq_diff
 
 # A timeout must outlast one checkpoint's stop + transfer + load (typically
 # tens to a few hundred ms here), or the frames held across one checkpoint

@@ -95,8 +95,8 @@ from __future__ import annotations
 
 import struct
 
-from . import packets
-from .packets import PROTO_TCP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN
+from kvmcolo import packets
+from kvmcolo.packets import PROTO_TCP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN
 
 DEFER_TIMEOUT = 1.0  # seconds a deferred inbound frame waits for the SVM's SYN-ACK
 CLOSE_GRACE = 2.0  # seconds of quiet after RST / FINs both ways before the state goes
