@@ -66,7 +66,7 @@ def plain(the_lab: lab.Lab, n: int) -> tuple[list[float], float]:
         g.stop()
 
 
-def colo(the_lab: lab.Lab, tmp: str, n: int, primary=(), guest_args=()) -> tuple[list[float], float, dict]:
+def colo(the_lab: lab.Lab, tmp: str, n: int, primary=(), guest_args=()) -> tuple[list[float], float, dict, float]:
     key = os.path.join(tmp, "key")
     with open(key, "w") as f:
         f.write(os.urandom(24).hex())
@@ -82,9 +82,10 @@ def colo(the_lab: lab.Lab, tmp: str, n: int, primary=(), guest_args=()) -> tuple
             time.sleep(0.05)
         before = control.call(socks["a"], "query-colo")["reasons"]
         lat, rate = measure(the_lab.client, n)
-        after = control.call(socks["a"], "query-colo")["reasons"]
+        info = control.call(socks["a"], "query-colo")
+        after = info["reasons"]
         reasons = {r: after[r] - before.get(r, 0) for r in after if after[r] - before.get(r, 0)}
-        return lat, rate, reasons
+        return lat, rate, reasons, info["net"]["nics"][0]["hold_ms_p50"]
     finally:
         for p in (a, b):
             if p is not None:
@@ -97,11 +98,12 @@ def row(name: str, lat: list[float], rate: float, base: list[float] | None = Non
     return (name, f"{p50:.0f} µs p50", f"p99 {p99:.0f} µs, {rate:.0f} requests/s{added}")
 
 
-def share(reasons: dict, n: int) -> str:
+def share(reasons: dict, n: int, hold: float) -> str:
     total = sum(reasons.values()) or 1
     parts = ", ".join(f"{r} {c} ({100 * c / total:.0f}%)" for r, c in sorted(reasons.items()))
     mismatch = sum(c for r, c in reasons.items() if r.startswith("net-mismatch"))
-    return f"{parts or 'none'}; {1000 * mismatch / n:.1f} mismatch checkpoints per 1,000 requests"
+    return (f"{parts or 'none'}; {1000 * mismatch / n:.1f} mismatch checkpoints per 1,000 requests; "
+            f"primary output held for the secondary's p50 {hold} ms")  # fmt: skip
 
 
 def main() -> int:
@@ -113,15 +115,15 @@ def main() -> int:
     with lab.Lab("bn") as the_lab, tempfile.TemporaryDirectory() as tmp:
         base, rate = plain(the_lab, n)
         rows.append(row("plain kvmcolo run", base, rate))
-        lat, rate, reasons = colo(the_lab, tmp, n)
+        lat, rate, reasons, hold = colo(the_lab, tmp, n)
         rows.append(row("COLO + compare, checkpoint every 100 ms", lat, rate, base))
-        rows.append(("  checkpoints by reason", f"{sum(reasons.values())}", share(reasons, n)))
-        lat, rate, reasons = colo(the_lab, tmp, n, primary=["--checkpoint-delay", "60000"])
+        rows.append(("  checkpoints by reason", f"{sum(reasons.values())}", share(reasons, n, hold)))
+        lat, rate, reasons, hold = colo(the_lab, tmp, n, primary=["--checkpoint-delay", "60000"])
         rows.append(row("COLO + compare, compare-driven only", lat, rate, base))
-        rows.append(("  checkpoints by reason", f"{sum(reasons.values())}", share(reasons, n)))
-        lat, rate, reasons = colo(the_lab, tmp, n, guest_args=["diverge=100"])
+        rows.append(("  checkpoints by reason", f"{sum(reasons.values())}", share(reasons, n, hold)))
+        lat, rate, reasons, hold = colo(the_lab, tmp, n, guest_args=["diverge=100"])
         rows.append(row("COLO, guest diverges every 100th reply", lat, rate, base))
-        rows.append(("  checkpoints by reason", f"{sum(reasons.values())}", share(reasons, n)))
+        rows.append(("  checkpoints by reason", f"{sum(reasons.values())}", share(reasons, n, hold)))
     print_table(rows, figure_width=14)
     return 0
 

@@ -588,7 +588,7 @@ def _net_summary(net: dict | None) -> str:
     for nic in net.get("nics", []) or []:
         if isinstance(nic, dict):
             for k, v in nic.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and not k.startswith("hold_"):
                     totals[k] += v
     if not totals:
         return ""
@@ -598,6 +598,9 @@ def _net_summary(net: dict | None) -> str:
         shown = [f"{k} {v:g}" for k, v in totals.items() if v and k not in ("epoch",)][:4]
     if mismatches or any(k.startswith("mismatch") for k in totals):
         shown.append(f"mismatches {mismatches:g}")
+    holds = [nic.get("hold_ms_p50") for nic in net.get("nics", []) if isinstance(nic, dict)]
+    if holds and holds[0] is not None:  # what COLO adds to a reply: waiting for host B's copy
+        shown.append(f"output held p50 {holds[0]:.2f} ms")
     return "net: " + ", ".join(shown)
 
 

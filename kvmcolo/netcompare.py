@@ -118,10 +118,11 @@ class _Held:
     """One held primary frame.  `done` is set when it is released; the
     arrival-order queue of all held frames forgets done entries lazily."""
 
-    __slots__ = ("pkt", "epoch", "since", "conn", "done")
+    __slots__ = ("pkt", "epoch", "since", "born", "conn", "done")
 
     def __init__(self, pkt: packets.Packet, epoch: int, since: float, conn):
         self.pkt, self.epoch, self.since, self.conn, self.done = pkt, epoch, since, conn, False
+        self.born = since  # `since` restarts at a checkpoint (timeouts); `born` does not (hold-time figures)
 
 
 class _Tcp:
@@ -218,6 +219,8 @@ class Comparator:
         self._requested = False  # a RequestCheckpoint is outstanding or a checkpoint is under way
         self._alone = False
         self._next_prune = None
+        self._now = 0.0  # the latest `now` any event brought
+        self._holds: deque[float] = deque(maxlen=1024)  # how long recently released frames were held
         self.counters: dict[str, int] = dict.fromkeys(
             ("released", "matched", "held", "dropped_primary", "dropped_secondary", "dropped_secondary_bytes",
              "passthrough", "checkpoints", "released_by_checkpoint", "mismatch_tcp", "mismatch_udp",
@@ -227,6 +230,7 @@ class Comparator:
 
     def primary(self, frame: bytes, epoch: int, now: float) -> list:
         """A frame the PVM sent."""
+        self._now = now
         pkt = packets.parse(frame)
         if self._alone or not pkt.is_ip:
             self.counters["passthrough" if not self._alone else "released"] += 1
@@ -269,6 +273,7 @@ class Comparator:
 
     def secondary(self, frame: bytes, epoch: int, now: float) -> list:
         """A frame the SVM sent."""
+        self._now = now
         if self._alone or epoch < self._epoch:
             self.counters["dropped_secondary"] += 1
             return []
@@ -308,6 +313,7 @@ class Comparator:
 
     def checkpoint(self, epoch: int, now: float) -> list:
         """The secondary has received checkpoint number `epoch`."""
+        self._now = now
         if self._alone:
             return []
         self._requested = False
@@ -359,6 +365,7 @@ class Comparator:
 
     def tick(self, now: float) -> list:
         """Called every ~10 ms: timeouts, and now and then idle pruning."""
+        self._now = now
         if self._alone:
             return []
         held = self._held
@@ -393,6 +400,10 @@ class Comparator:
         s["tcp_connections"] = len(self._tcp)
         s["epoch"] = self._epoch
         s["alone"] = self._alone
+        # How long the primary's output waited for the secondary's (the latency COLO adds), recent frames.
+        holds = sorted(self._holds)
+        s["hold_ms_p50"] = round(holds[len(holds) // 2] * 1e3, 3) if holds else None
+        s["hold_ms_p99"] = round(holds[int(0.99 * (len(holds) - 1))] * 1e3, 3) if holds else None
         return s
 
     # ---- common ------------------------------------------------------------------------
@@ -410,6 +421,7 @@ class Comparator:
 
     def _release(self, entry: _Held, actions: list) -> None:
         entry.done = True
+        self._holds.append(self._now - entry.born)
         self.counters["released"] += 1
         self.counters["held"] -= 1
         actions.append(Release(entry.pkt.frame))

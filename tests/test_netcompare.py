@@ -10,6 +10,8 @@ from __future__ import annotations
 import random
 import struct
 
+import pytest
+
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -769,3 +771,16 @@ def test_mismatch_inside_a_partly_compared_segment():
     r.s(tcp(P_ISN + 1, C_ISN + 1, TCP_ACK, b"a" * 50))
     assert requests(r.s(tcp(P_ISN + 51, C_ISN + 1, TCP_ACK, b"a" * 49 + b"b"))) == ["net-mismatch tcp"]
     assert big not in r.out
+
+
+def test_hold_times_are_reported():
+    """stats() says how long released frames waited for the secondary's twin."""
+    c = Comparator(epoch=1)
+    assert c.stats()["hold_ms_p50"] is None
+    gm, cm = b"\x52\x54\x00\x12\x34\x56", b"\x02" * 6
+    g, cl = bytes([10, 0, 0, 2]), bytes([10, 0, 0, 9])
+    frame = packets.build_udp(gm, cm, g, cl, 7, 4000, b"ping")
+    assert c.primary(frame, 1, now=10.0) == []
+    assert c.secondary(bytes(frame), 1, now=10.004) == [Release(frame)]
+    s = c.stats()
+    assert s["hold_ms_p50"] == pytest.approx(4.0, abs=0.01) and s["hold_ms_p99"] == pytest.approx(4.0, abs=0.01)
