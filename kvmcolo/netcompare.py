@@ -26,8 +26,9 @@ the primary's stream position at capture (the highest sequence number its
 frames of epoch < N reached) and its SVM acknowledgement to the highest ack
 those frames carried; frames still held restart their hold clock at `now`.
 
-1. Not IP (ARP, ...): primary frames are released at once ("passthrough"),
-   secondary ones dropped.
+1. Link control — not IP (ARP, ...), or IPv6 neighbour discovery / MLD:
+   primary frames are released at once ("passthrough"), secondary ones
+   dropped (each guest sends them on its own timers).
 2. TCP, per connection (the primary's `flow()`; the SVM is the same guest,
    so its frames have the same key):
    - data are compared by stream offset, not per segment: the SVM's bytes
@@ -232,7 +233,7 @@ class Comparator:
         """A frame the PVM sent."""
         self._now = now
         pkt = packets.parse(frame)
-        if self._alone or not pkt.is_ip:
+        if self._alone or packets.is_link_control(pkt):
             self.counters["passthrough" if not self._alone else "released"] += 1
             return [Release(frame)]
         if pkt.proto == PROTO_TCP:
@@ -286,7 +287,7 @@ class Comparator:
             self._early.append((bytes(frame), epoch))
             return []
         pkt = packets.parse(frame)
-        if not pkt.is_ip:
+        if packets.is_link_control(pkt):
             self.counters["dropped_secondary"] += 1
             return []
         if pkt.proto == PROTO_TCP:

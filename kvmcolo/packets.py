@@ -121,6 +121,20 @@ def parse(frame: bytes | bytearray) -> Packet:
     return pkt
 
 
+# ICMPv6 that only keeps the link working: MLD (130-132, 143), router and
+# neighbour discovery (133-136) and redirects (137).
+_ICMPV6_LINK_CONTROL = frozenset({130, 131, 132, 133, 134, 135, 136, 137, 143})
+
+
+def is_link_control(pkt: Packet) -> bool:
+    """ARP and other non-IP frames, IPv6 neighbour discovery and MLD: each
+    guest sends these on its own timers (random delays, retries), so the
+    comparator passes the primary's and drops the secondary's, as with ARP."""
+    if not pkt.is_ip:
+        return True
+    return pkt.proto == PROTO_ICMPV6 and pkt.end > pkt.l4 and pkt.frame[pkt.l4] in _ICMPV6_LINK_CONTROL
+
+
 def seq_diff(a: int, b: int) -> int:
     """a - b in 32-bit sequence space, as a signed number."""
     d = (a - b) & 0xFFFFFFFF

@@ -784,3 +784,22 @@ def test_hold_times_are_reported():
     assert c.secondary(bytes(frame), 1, now=10.004) == [Release(frame)]
     s = c.stats()
     assert s["hold_ms_p50"] == pytest.approx(4.0, abs=0.01) and s["hold_ms_p99"] == pytest.approx(4.0, abs=0.01)
+
+
+def _icmpv6(src_mac: bytes, icmp_type: int, body: bytes = b"\0" * 20) -> bytes:
+    src = bytes.fromhex("fe80000000000000505400fffe123456")
+    dst = bytes.fromhex("ff0200000000000000000001ff123456")
+    payload = bytes([icmp_type, 0, 0, 0]) + body
+    ip6 = bytes([0x60, 0, 0, 0]) + struct.pack("!HBB", len(payload), packets.PROTO_ICMPV6, 255) + src + dst
+    return b"\x33\x33\xff\x12\x34\x56" + src_mac + b"\x86\xdd" + ip6 + payload
+
+
+def test_ipv6_neighbour_discovery_passes_like_arp_but_echo_is_compared():
+    c = Comparator(epoch=1)
+    mac = b"\x52\x54\x00\x12\x34\x56"
+    ns = _icmpv6(mac, 135)  # neighbour solicitation: each guest's own timing
+    assert c.primary(ns, 1, now=0.0) == [Release(ns)]
+    assert c.secondary(_icmpv6(mac, 135, b"\1" * 20), 1, now=0.0) == []
+    echo = _icmpv6(mac, 129, b"ping")  # echo reply: a service's answer, compared
+    assert c.primary(echo, 1, now=0.0) == []
+    assert c.secondary(_icmpv6(mac, 129, b"pong"), 1, now=0.0) == [RequestCheckpoint("net-mismatch icmp")]
