@@ -421,8 +421,22 @@ def _print_colo(c: dict) -> None:
         for r in c["recent"][-5:]:
             print(f"  {r['seq']:>3}  {r['reason'][:12]:12}  {r['pause_ms']:8.2f}  {r['dirty_pages']:11}  "
                   f"{r['bytes']:9}  {r['transfer_ms']:11.2f}  {r['load_ms']:7.2f}")  # fmt: skip
+    for i, nic in enumerate((c.get("net") or {}).get("nics", [])):
+        print(f"  net {i}: " + _net_line(nic))
     for f in c["failovers"]:
         print(f"  failover at {time.strftime('%H:%M:%S', time.localtime(f['time']))}: {f['kind']} ({f['reason']})")
+
+
+def _net_line(nic: dict) -> str:
+    if "matched" in nic:  # the primary's comparator
+        mismatches = "/".join(str(nic[f"mismatch_{k}"]) for k in ("tcp", "udp", "icmp", "other"))
+        held = f", output held p50 {nic['hold_ms_p50']} ms p99 {nic['hold_ms_p99']} ms" if nic["hold_ms_p50"] else ""
+        return (f"matched {nic['matched']}, released {nic['released']}, held now {nic['held']}, passed "
+                f"{nic['passthrough']}, mismatches tcp/udp/icmp/other {mismatches}, timeouts {nic['timeouts']}, "
+                f"queue full {nic['queue_full']}{held}")  # fmt: skip
+    rw = nic["rewriter"]  # the secondary's port
+    return (f"delivered {nic['delivered']}, sent {nic['sent']}, dropped at checkpoints {nic['dropped_at_checkpoint']}, "
+            f"sequence rewrites in/out {rw['rewritten_in']}/{rw['rewritten_out']}, guest {nic['guest_ip'] or '?'}")
 
 
 def _setup_logging(args) -> None:

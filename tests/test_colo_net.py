@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+from conftest import kvmcolo_cmd
 from kvmcolo import control, lab
 from kvmcolo.errors import UserError
 from vmm_process import GuestProcess
@@ -122,6 +123,9 @@ def test_services_under_colo_with_python_curl_nc_and_ping(pair_factory):
     nic = a["net"]["nics"][0]
     assert nic["matched"] >= 300 + 20 and nic["passthrough"] >= 1 and nic["held"] == 0
     assert a["state"] == "colo" and not a["failovers"]
+    for side, words in (("a", ["net 0: matched", "output held p50"]), ("b", ["net 0: delivered", "guest 10.77.0.2"])):
+        status = kvmcolo_cmd("status", "--control", pair.sock(side))
+        assert status.returncode == 0 and all(w in status.stdout for w in words), status.stdout
 
 
 def test_rewriter_connection_with_different_isns_runs_thousands_of_requests_without_mismatch(pair_factory):
