@@ -158,7 +158,8 @@ class ColoPrimary:
         """Start replicating (before the guest first runs)."""
         devices = self.machine.net_devices()
         if devices:
-            self.network = PrimaryNetwork(devices, self.machine.taps, self.channel.send, lambda: self._epoch,
+            self.network = PrimaryNetwork(devices, self.machine.taps, self.machine.loop, self.channel.send,
+                                          lambda: self._epoch,
                                           self.request_checkpoint, self.options.compare_timeout,
                                           self.options.max_queue)  # fmt: skip
             self.status.net_stats = self.network.stats

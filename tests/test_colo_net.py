@@ -195,8 +195,11 @@ def run_through_failover(pair: LabPair, kill, survivor: str, after_s: float = 4.
     return info
 
 
-def test_failover_primary_killed_mid_stream(pair_factory):
-    pair = pair_factory()
+@pytest.mark.parametrize("notify", [[], ["--no-ioeventfd"]], ids=["ioeventfd", "mmio-exit"])
+def test_failover_primary_killed_mid_stream(pair_factory, notify):
+    # mmio-exit: queue notifications run on the vCPU threads, and the ports
+    # must hand their replication sends to the I/O thread instead.
+    pair = pair_factory(primary=notify, secondary=notify)
     info = run_through_failover(pair, lambda: pair.kill("a"), "b")
     assert info["state"] == "active"
     assert info["net"]["active"] and info["net"]["nics"][0]["guest_ip"] == lab.GUEST_ADDR
