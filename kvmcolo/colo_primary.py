@@ -121,8 +121,23 @@ class ColoPrimary:
         the I/O thread, so it is ordered with the checkpoints' capture)."""
         if self._lost.is_set():
             return
+        header = self._DISK_WRITE.pack(index, self._epoch, offset)
+        loop = self.machine.loop
+        if loop.in_loop_thread():
+            self._send_disk_write([header, *views])
+        else:
+            # A vCPU thread (no ioeventfd): a send can wait behind a checkpoint
+            # transfer, and a vCPU must not, so the I/O thread sends it — still
+            # before the next capture, which holds that thread only after its
+            # queued work.  Copied: the guest may reuse its buffer at once.
+            data = b"".join(views)
+            loop.call_soon(lambda: self._send_disk_write([header, data]))
+
+    def _send_disk_write(self, parts) -> None:
+        if self._lost.is_set():
+            return
         try:
-            self.channel.send(Msg.DISK_WRITE, [self._DISK_WRITE.pack(index, self._epoch, offset), *views])
+            self.channel.send(Msg.DISK_WRITE, parts)
         except ChannelError as e:
             self._lose(str(e))
 
