@@ -184,7 +184,7 @@ class Lab:
         self.close()
 
 
-_NAME_RE = re.compile(r"^kvmcolo-(?:lan|client|hostA|hostB)-(\d+)$")
+_NAME_RE = re.compile(r"^kvmcolo-[A-Za-z0-9]*?(?:lan|client|hostA|hostB)-(\d+)$")  # with or without a Lab tag
 
 
 def remove_stale_namespaces() -> list[str]:
