@@ -88,11 +88,9 @@ class PrimaryNetwork:
     """The comparator for each NIC, fed by the guest (PrimaryPort.send) and by
     the secondary's frames; held frames go out through the tap."""
 
-    def __init__(self, devices, taps, loop, send, epoch, request_checkpoint, timeout: float, max_queue: int):
-        """`loop`: the machine's I/O thread; `send(mtype, parts)`: a frame to the
-        secondary (raises ChannelError); `epoch()`: captures so far;
-        `request_checkpoint(reason)`."""
-        self.loop = loop
+    def __init__(self, devices, taps, send, epoch, request_checkpoint, timeout: float, max_queue: int):
+        """`send(mtype, parts)`: a frame to the secondary (raises ChannelError);
+        `epoch()`: captures so far; `request_checkpoint(reason)`."""
         self._send = send
         self._epoch = epoch
         self._request_checkpoint = request_checkpoint
@@ -193,11 +191,6 @@ class PrimaryPort:
         return self.tap.fileno()
 
     def recv_into(self, views: list[memoryview]) -> int:
-        if not self._network.loop.in_loop_thread():
-            # A vCPU thread posting receive buffers (no ioeventfd): the mirror
-            # may wait behind a checkpoint transfer, which must never stall a
-            # vCPU, so the I/O thread takes the frame (the tap stays readable).
-            raise BlockingIOError()
         n = self.tap.recv_into(views)
         self._network.mirror(self._nic, views, n)
         return n
@@ -221,12 +214,10 @@ class SecondaryNetwork:
     """The SVM's NICs: mirrored input in, output to the primary, and the
     takeover of the taps at failover."""
 
-    def __init__(self, devices, taps, bridges, macs, loop, send, epoch, paused):
-        """`loop`: the machine's I/O thread; `send(mtype, parts)` raises
-        ChannelError; `epoch()`: loads so far; `paused()`: the SVM is stopped
-        (for a checkpoint)."""
+    def __init__(self, devices, taps, bridges, macs, send, epoch, paused):
+        """`send(mtype, parts)` raises ChannelError; `epoch()`: loads so far;
+        `paused()`: the SVM is stopped (for a checkpoint)."""
         self._paused = paused
-        self._loop = loop
         self._devices = devices
         self._taps = taps
         self._bridges = bridges
@@ -264,15 +255,8 @@ class SecondaryNetwork:
             self._devices[nic].poll_backend()
 
     def to_primary(self, nic: int, frame) -> None:
-        header = FRAME_HEADER.pack(nic, self._epoch())
-        if self._loop.in_loop_thread():
-            self._send_output(header, frame)
-        else:  # a vCPU thread (no ioeventfd): a send can block, a vCPU must not
-            self._loop.call_soon(lambda: self._send_output(header, frame))
-
-    def _send_output(self, header: bytes, frame) -> None:
         try:
-            self._send(Msg.NET_OUTPUT, [header, frame])
+            self._send(Msg.NET_OUTPUT, [FRAME_HEADER.pack(nic, self._epoch()), frame])
         except ChannelError:
             self.output_errors += 1  # link gone: the COLO layer fails over
 

@@ -121,23 +121,8 @@ class ColoPrimary:
         the I/O thread, so it is ordered with the checkpoints' capture)."""
         if self._lost.is_set():
             return
-        header = self._DISK_WRITE.pack(index, self._epoch, offset)
-        loop = self.machine.loop
-        if loop.in_loop_thread():
-            self._send_disk_write([header, *views])
-        else:
-            # A vCPU thread (no ioeventfd): a send can wait behind a checkpoint
-            # transfer, and a vCPU must not, so the I/O thread sends it — still
-            # before the next capture, which holds that thread only after its
-            # queued work.  Copied: the guest may reuse its buffer at once.
-            data = b"".join(views)
-            loop.call_soon(lambda: self._send_disk_write([header, data]))
-
-    def _send_disk_write(self, parts) -> None:
-        if self._lost.is_set():
-            return
         try:
-            self.channel.send(Msg.DISK_WRITE, parts)
+            self.channel.send(Msg.DISK_WRITE, [self._DISK_WRITE.pack(index, self._epoch, offset), *views])
         except ChannelError as e:
             self._lose(str(e))
 
@@ -173,8 +158,7 @@ class ColoPrimary:
         """Start replicating (before the guest first runs)."""
         devices = self.machine.net_devices()
         if devices:
-            self.network = PrimaryNetwork(devices, self.machine.taps, self.machine.loop, self.channel.send,
-                                          lambda: self._epoch,
+            self.network = PrimaryNetwork(devices, self.machine.taps, self.channel.send, lambda: self._epoch,
                                           self.request_checkpoint, self.options.compare_timeout,
                                           self.options.max_queue)  # fmt: skip
             self.status.net_stats = self.network.stats

@@ -141,7 +141,7 @@ class ColoSecondary:
             return
         nets = self.machine.config.nets
         self.network = SecondaryNetwork(devices, self.machine.taps, [n.bridge for n in nets],
-                                        [parse_mac(n.mac) for n in nets], self.machine.loop, self.channel.send,
+                                        [parse_mac(n.mac) for n in nets], self.channel.send,
                                         lambda: self._loads, lambda: self.machine.paused)  # fmt: skip
         self.status.net_stats = self.network.stats
 

@@ -146,8 +146,8 @@ class Machine:
         for i, (name, device) in enumerate(devices):
             base = VIRTIO_MMIO_BASE + i * VIRTIO_MMIO_STRIDE
             gsi = VIRTIO_GSIS[i]
-            transport = VirtioMmio(name, device, self.vm.memory,
-                                   lambda level, gsi=gsi: self.vm.set_irq_line(gsi, level))  # fmt: skip
+            irq = lambda level, gsi=gsi: self.vm.set_irq_line(gsi, level)  # noqa: E731
+            transport = VirtioMmio(name, device, self.vm.memory, irq, serve_notify=self.loop.call_soon)
             self.vm.mmio_bus.register(base, MMIO_WINDOW, transport)
             if self.config.ioeventfd:
                 for q in range(len(device.queue_sizes)):

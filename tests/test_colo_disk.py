@@ -94,8 +94,8 @@ def wait_until(predicate, what: str, timeout: float = 10) -> None:
 
 @pytest.mark.parametrize("notify", [[], ["--no-ioeventfd"]], ids=["ioeventfd", "mmio-exit"])
 def test_disks_identical_at_every_checkpoint(fuse, tmp_path, notify):
-    # mmio-exit: the guest's writes are handled on its vCPU thread, which hands
-    # their forwarding to the I/O thread (still ordered before each capture).
+    # mmio-exit: the guest's notifications come as MMIO exits; served on the I/O
+    # thread, the forwarded writes stay ordered before each capture.
     a, b = images_pair(tmp_path)
     pair = start(tmp_path, a, b, ["--verify-every", "3", *notify], ["--verify-every", "3", *notify])
     try:

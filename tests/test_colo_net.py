@@ -197,8 +197,8 @@ def run_through_failover(pair: LabPair, kill, survivor: str, after_s: float = 4.
 
 @pytest.mark.parametrize("notify", [[], ["--no-ioeventfd"]], ids=["ioeventfd", "mmio-exit"])
 def test_failover_primary_killed_mid_stream(pair_factory, notify):
-    # mmio-exit: queue notifications run on the vCPU threads, and the ports
-    # must hand their replication sends to the I/O thread instead.
+    # mmio-exit: queue notifications come as MMIO exits on the vCPU threads;
+    # the machine serves them on the I/O thread, where the ports' sends belong.
     pair = pair_factory(primary=notify, secondary=notify)
     info = run_through_failover(pair, lambda: pair.kill("a"), "b")
     assert info["state"] == "active"

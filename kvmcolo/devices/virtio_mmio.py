@@ -70,11 +70,17 @@ class VirtioDevice(Protocol):
 
 
 class VirtioMmio:
-    def __init__(self, name: str, device: VirtioDevice, memory: GuestMemory, set_irq: Callable[[bool], None]):
+    def __init__(self, name: str, device: VirtioDevice, memory: GuestMemory, set_irq: Callable[[bool], None],
+                 serve_notify: Callable[[Callable[[], None]], None] | None = None):  # fmt: skip
+        """`serve_notify(fn)`: where a queue notification written by the guest
+        (an MMIO exit, on a vCPU thread) is served — the machine passes its
+        I/O loop's call_soon, so device work never runs on or blocks a vCPU
+        thread, as with ioeventfds.  None: at once, on the writing thread."""
         self.name = name
         self.device = device
         self.memory = memory
         self._set_irq = set_irq
+        self._serve_notify = serve_notify
         self.lock = threading.RLock()
         self._early_notify_logged = False
         self._reset_registers()
@@ -161,7 +167,10 @@ class VirtioMmio:
             if size != 4:
                 return
             if offset == QUEUE_NOTIFY:
-                self._notify_locked(value)
+                if self._serve_notify is not None:
+                    self._serve_notify(lambda: self.notify(value))
+                else:
+                    self._notify_locked(value)
             elif offset == STATUS:
                 self._write_status(value & 0xFF)
             elif offset == INTERRUPT_ACK:
