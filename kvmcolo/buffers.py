@@ -21,6 +21,21 @@ def split_views(views, at: int) -> tuple[list[memoryview], list[memoryview]]:
     return head, tail
 
 
+def scatter(views, data) -> int:
+    """Copy `data` into a scatter list, front to back; returns the bytes
+    copied (what does not fit is cut, as a NIC cuts a frame too long for
+    the guest's buffers)."""
+    src = memoryview(data).cast("B")
+    done = 0
+    for v in views:
+        if done == len(src):
+            break
+        n = min(len(v), len(src) - done)
+        v[:n] = src[done : done + n]
+        done += n
+    return done
+
+
 def consume(views: list[memoryview], n: int) -> None:
     """Drop the first `n` bytes of a scatter list in place (after a short
     writev/sendmsg)."""

@@ -32,6 +32,7 @@ import threading
 import time
 
 from kvmcolo import packets
+from kvmcolo.buffers import scatter, split_views
 from kvmcolo.colo import Msg
 from kvmcolo.netcompare import Comparator, Release, RequestCheckpoint
 from kvmcolo.netrewrite import SeqRewriter
@@ -65,20 +66,6 @@ class Ticker:
                 self._fn()
             except Exception:  # noqa: BLE001 - a ticker failure must not take the VMM down
                 log.exception("network ticker failed")
-
-
-def _copy_into(views: list[memoryview], frame) -> int:
-    """Scatter one frame into the guest's receive buffers; returns its length
-    (a frame longer than the buffers is cut, as a NIC would)."""
-    src = memoryview(frame)
-    done = 0
-    for v in views:
-        n = min(len(v), len(src) - done)
-        v[:n] = src[done : done + n]
-        done += n
-        if done == len(src):
-            break
-    return done
 
 
 # ---- primary ------------------------------------------------------------------------------
@@ -147,14 +134,9 @@ class PrimaryNetwork:
         """A frame the guest just received goes to the secondary too."""
         if not self.mirroring:
             return
-        parts, left = [FRAME_HEADER.pack(nic, self._epoch())], length
-        for v in views:
-            if left <= 0:
-                break
-            parts.append(v[:left])
-            left -= len(parts[-1])
+        frame, _ = split_views(views, length)
         try:
-            self._send(Msg.NET_INBOUND, parts)
+            self._send(Msg.NET_INBOUND, [FRAME_HEADER.pack(nic, self._epoch()), *frame])
         except ChannelError:
             self.mirror_errors += 1  # the COLO layer notices the lost link and fails over
 
@@ -340,7 +322,7 @@ class SecondaryPort:
         if frame is None:
             raise BlockingIOError()
         self.counters["delivered"] += 1
-        return _copy_into(views, frame)
+        return scatter(views, frame)
 
     def _next_frame(self) -> bytearray | None:
         """The next frame for the guest, rewritten; None when there is none
@@ -360,7 +342,7 @@ class SecondaryPort:
         return None
 
     def send(self, views: list[memoryview]) -> int:
-        frame = bytearray(b"".join(views))
+        frame = bytearray().join(views)
         self._learn_ip(frame)
         with self._lock:
             self.rewriter.outbound(frame, time.monotonic())
@@ -433,10 +415,10 @@ class ActivePort:
             now = time.monotonic()
             self._pending.extend(f for f, _ in self.rewriter.inbound(bytearray(self._buffer[:n]), None, now))
             self._pending.extend(f for f, _ in self.rewriter.tick(now))
-        return _copy_into(views, self._pending.popleft())
+        return scatter(views, self._pending.popleft())
 
     def send(self, views: list[memoryview]) -> int:
-        frame = bytearray(b"".join(views))
+        frame = bytearray().join(views)
         self.rewriter.outbound(frame, time.monotonic())
         self._pending.extend(f for f, _ in self.rewriter.ready())
         return self.tap.send([frame])

@@ -24,7 +24,8 @@ import time
 from kvmcolo import sections, vmstate
 from kvmcolo.colo import Act, Msg, PrimaryCore, ProtocolError
 from kvmcolo.colo_net import PrimaryNetwork
-from kvmcolo.colo_session import CheckpointRecord, ColoOptions, ColoStatus, Heartbeat, config_message, fence_peer
+from kvmcolo.colo_session import (CheckpointRecord, ColoOptions, ColoStatus, Heartbeat, config_message, fence_peer,
+                                  hang_up)  # fmt: skip
 from kvmcolo.dirty_log import DirtyLog
 from kvmcolo.disk_replication import HASH_CHUNK, chunk_hashes, file_hash
 from kvmcolo.errors import UserError
@@ -193,10 +194,7 @@ class ColoPrimary:
         self._stopping.set()
         if self.network is not None:
             self.network.stop()
-        if self._heartbeat:
-            self._heartbeat.stop()
-        if self.channel is not None:
-            self.channel.close()
+        hang_up(self._heartbeat, self.channel)
 
     # ---- threads --------------------------------------------------------------------
 
@@ -229,10 +227,7 @@ class ColoPrimary:
         self.status.phase = "idle"
         self.status.failover("secondary lost; the primary goes on alone", reason)
         self._inbox.put(None)
-        if self._heartbeat:
-            self._heartbeat.stop()
-        if self.channel is not None:
-            self.channel.close()
+        hang_up(self._heartbeat, self.channel)
         if self._paused_by_us:
             self._paused_by_us = False
             self.machine.resume()

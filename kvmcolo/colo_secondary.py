@@ -30,7 +30,7 @@ from kvmcolo import sections, vmstate
 from kvmcolo.colo import Act, Failover, Msg, ProtocolError, SecondaryCore, SState
 from kvmcolo.colo_net import SecondaryNetwork
 from kvmcolo.colo_session import (CheckpointRecord, ColoOptions, ColoStatus, Heartbeat, config_message,
-                                  config_mismatch, fence_peer)  # fmt: skip
+                                  config_mismatch, fence_peer, hang_up)  # fmt: skip
 from kvmcolo.devices.virtio_net import parse_mac
 from kvmcolo.dirty_log import DirtyLog, merge_and_copy, scatter_pages
 from kvmcolo.disk_replication import PendingWrites, apply_writes, chunk_hashes, file_hash
@@ -285,10 +285,7 @@ class ColoSecondary:
     def _complete_failover(self) -> None:
         self.failover_state.activate()
         self._ended.set()
-        if self._heartbeat:
-            self._heartbeat.stop()
-        if self.channel is not None:
-            self.channel.close()
+        hang_up(self._heartbeat, self.channel)
         if not fence_peer(self.options.fence_command, "secondary", self.status.peer, self.failover_state.reason,
                           self.options.fence_timeout):  # fmt: skip
             self.status.state = "fenced-out"
@@ -313,9 +310,7 @@ class ColoSecondary:
 
     def _end_with_primary(self) -> None:
         self._ended.set()
-        if self._heartbeat:
-            self._heartbeat.stop()
-        self.channel.close()
+        hang_up(self._heartbeat, self.channel)
         status = int(self.goodbye.get("status", 0))
         self.machine.vm.request_exit(status, f"the primary ended: {self.goodbye.get('reason', '')}")
 
@@ -323,10 +318,7 @@ class ColoSecondary:
         self._ended.set()
         if self.network is not None:
             self.network.stop()
-        if self._heartbeat:
-            self._heartbeat.stop()
-        if self.channel is not None:
-            self.channel.close()
+        hang_up(self._heartbeat, self.channel)
         self._server.close()
         self.cache.close()
         for pending in self.pending:

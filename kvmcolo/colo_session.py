@@ -122,6 +122,15 @@ class Heartbeat:
                     return
 
 
+def hang_up(heartbeat: Heartbeat | None, channel: Channel | None) -> None:
+    """Stop talking to the peer: no more heartbeats, the connection closed
+    (which also wakes the thread blocked reading it)."""
+    if heartbeat is not None:
+        heartbeat.stop()
+    if channel is not None:
+        channel.close()
+
+
 def fence_peer(command: str | None, role: str, peer: str | None, reason: str, timeout: float) -> bool:
     """Split-brain protection: before this side goes on alone (primary) or
     takes over (secondary), the operator's fence command must confirm the

@@ -34,6 +34,7 @@ import time
 from typing import Callable
 
 from kvmcolo.errors import UserError
+from kvmcolo.processes import pid_alive
 
 KVM_DEVICE = "/dev/kvm"
 TUN_DEVICE = "/dev/net/tun"
@@ -542,14 +543,7 @@ def _remove_stale_folders() -> list[str]:
         return []
     for name in names:
         m = _FOLDER_RE.match(name)
-        if m and int(m.group(1)) != os.getpid():
-            try:
-                os.kill(int(m.group(1)), 0)
-                continue  # still running
-            except ProcessLookupError:
-                pass
-            except PermissionError:
-                continue
+        if m and int(m.group(1)) != os.getpid() and not pid_alive(int(m.group(1))):
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
             removed.append(os.path.join(root, name))
     return removed

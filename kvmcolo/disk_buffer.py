@@ -47,6 +47,7 @@ import time
 from dataclasses import dataclass, field
 
 from kvmcolo.errors import UserError
+from kvmcolo.processes import pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -741,7 +742,7 @@ class OverlayMount:
         cleaned = []
         for name in sorted(names):
             m = re.match(r"(\d+)", name)
-            if not m or _alive(int(m.group(1))):
+            if not m or pid_alive(int(m.group(1))):
                 continue
             path = os.path.join(os.path.realpath(root), name)
             try:
@@ -755,16 +756,6 @@ class OverlayMount:
         if cleaned:
             log.info("cleaned %d stale overlay mount(s) under %s", len(cleaned), root)
         return cleaned
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,6 +42,7 @@ import time
 from collections.abc import Sequence
 
 from kvmcolo.netns import Namespace
+from kvmcolo.processes import pid_alive
 
 GUEST_ADDR = "10.77.0.2"
 CLIENT_ADDR = "10.77.0.10"
@@ -198,20 +199,10 @@ def remove_stale_namespaces() -> list[str]:
     for line in listed.splitlines():
         name = line.split()[0] if line.split() else ""
         m = _NAME_RE.match(name)
-        if m and not _pid_alive(int(m.group(1))):
+        if m and not pid_alive(int(m.group(1))):
             subprocess.run(["ip", "netns", "delete", name], capture_output=True)
             removed.append(name)
     return removed
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _quiet_ipv6(ns: Namespace) -> None:

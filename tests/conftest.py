@@ -21,15 +21,24 @@ REPO = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
+def unavailable(message: str) -> None:
+    """A real dependency is missing: fail in CI, skip elsewhere."""
+    if IN_CI:
+        pytest.fail(message + " -- CI must run the real thing, not skip it")
+    pytest.skip(message)
+
+
 def require_device(path: str, what: str) -> None:
     try:
         fd = os.open(path, os.O_RDWR)
     except OSError as e:
-        message = f"{what} is not usable here ({path}: {e.strerror})"
-        if IN_CI:
-            pytest.fail(message + " -- CI must run the real thing, not skip it")
-        pytest.skip(message)
+        unavailable(f"{what} is not usable here ({path}: {e.strerror})")
     os.close(fd)
+
+
+def require_root(what: str) -> None:
+    if os.geteuid() != 0:
+        unavailable(f"{what} need root")
 
 
 @pytest.fixture(scope="session")

@@ -12,19 +12,11 @@ import threading
 
 import pytest
 
-from conftest import IN_CI, REPO, require_device
+from conftest import REPO, require_device, require_root
 from kvmcolo import demo, lab
 from kvmcolo.errors import UserError
 from kvmcolo.lab import CLIENT_ADDR, GUEST_ADDR, GUEST_MAC, CounterClient, CounterError, Lab, check_sequence
 from vmm_process import GuestProcess
-
-
-def require_root() -> None:
-    if os.geteuid() != 0:
-        message = "network namespaces need root"
-        if IN_CI:
-            pytest.fail(message + " -- CI must run the real thing, not skip it")
-        pytest.skip(message)
 
 
 def netns_list() -> str:
@@ -179,7 +171,7 @@ def test_demo_arguments():
 
 
 def test_lab_topology_and_close():
-    require_root()
+    require_root("network namespaces")
     with Lab() as the_lab:
         names = [ns.name for ns in the_lab.namespaces]
         assert len(names) == 4 and all(str(os.getpid()) in n for n in names)
@@ -200,7 +192,7 @@ def test_lab_topology_and_close():
 
 
 def test_lab_creation_failure_cleans_up(monkeypatch):
-    require_root()
+    require_root("network namespaces")
     made = []
     real_init = lab.Namespace.__init__
 

@@ -19,7 +19,7 @@ import re
 from typing import Protocol
 
 from kvmcolo.devices.virtio_mmio import VIRTIO_F_VERSION_1, VirtioMmio
-from kvmcolo.buffers import split_views
+from kvmcolo.buffers import scatter, split_views
 from kvmcolo.devices.virtqueue import Virtqueue
 from kvmcolo.errors import UserError
 from kvmcolo.event_loop import EventLoop
@@ -157,10 +157,7 @@ class VirtioNet:
                 q.unpop()  # nothing queued: give the buffer back untouched
                 self._watch(True)
                 break
-            offset = 0
-            for v in header:
-                v[:] = RX_HEADER[offset : offset + len(v)]
-                offset += len(v)
+            scatter(header, RX_HEADER)
             q.push(chain, NET_HDR_LEN + n)
             delivered += 1
             self.stats["rx_frames"] += 1
