@@ -26,10 +26,11 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from kvmcolo import sections
+from kvmcolo import sections, xsave
 from kvmcolo.dirty_log import DirtyLog, RegionDirty
 from kvmcolo.kvm_ffi import Kvm, ffi, lib
 from kvmcolo.memory import PAGE_SIZE
+from kvmcolo.xsave import XsaveLayout
 
 STATE_VERSION = 1
 KNOWN_SECTIONS = {b"META": 1, b"VMST": 1, b"VCPU": 1, b"DEVS": 1, b"RAM ": 1}
@@ -62,17 +63,19 @@ class HostCaps:
     xsave_size: int
     msrs: list[int]
     cpuid: dict[str, list[int]]  # "leaf.subleaf" -> [eax, ebx, ecx, edx]
+    xsave_layout: XsaveLayout = XsaveLayout(())  # this host's XSAVE components (for comparing by meaning)
 
     @classmethod
     def probe(cls, kvm: Kvm, vcpu) -> HostCaps:
         xsave_size = max(ffi.sizeof("struct kvm_xsave"), kvm.check_extension("KVM_CAP_XSAVE2"))
         msrs = vcpu.readable_msrs(kvm.msr_index_list())
         cpuid = {}
-        for e in kvm.supported_cpuid():
+        supported = kvm.supported_cpuid()
+        for e in supported:
             key = (e.function, e.index if e.flags & lib.KVM_CPUID_FLAG_SIGNIFCANT_INDEX else 0)
             if key in _FEATURE_LEAVES:
                 cpuid[f"{key[0]:#x}.{key[1]}"] = [e.eax, e.ebx, e.ecx, e.edx]
-        return cls(xsave_size, msrs, cpuid)
+        return cls(xsave_size, msrs, cpuid, XsaveLayout.from_cpuid(supported))
 
     def check_can_hold(self, saved: dict) -> None:
         if saved["xsave_size"] > self.xsave_size:
@@ -269,6 +272,7 @@ def state_hashes(machine, host: HostCaps) -> dict[str, str]:
         kept = b"".join(msrs[i : i + entry] for i in range(0, len(msrs), entry)
                         if int.from_bytes(msrs[i : i + 4], "little") not in _TIME_DEPENDENT_MSRS)  # fmt: skip
         state["msrs"] = kept
+        state["xsave"] = xsave.canonical(state["xsave"], host.xsave_layout)
         for name, blob in state.items():
             out[f"vcpu{v.index}.{name}"] = h(blob)
     out["devices"] = h(json.dumps(machine.save_devices(), sort_keys=True).encode())

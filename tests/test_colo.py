@@ -188,3 +188,23 @@ def test_manual_failover_and_status(images, tmp_path):
         assert pair.primary.proc.poll() is None
     finally:
         pair.close()
+
+
+def test_fpu_registers_survive_100_checkpoints_and_failover(images, tmp_path):
+    """x87, SSE and MXCSR values the guest keeps are exact on the SVM after
+    every checkpoint load (it checks them between checkpoints too) and after
+    taking over."""
+    pair = ColoPair(tmp_path, ["--image", "fpregs", "--mem", "64M"], ["report=200"],
+                    primary_args=["--checkpoint-delay", "50", "--verify-every", "10"],
+                    secondary_args=["--verify-every", "10"])  # fmt: skip
+    try:
+        pair.wait_checkpoints(tmp_path / "a.sock", 105, timeout=180)
+        assert_same_state(pair, at_least=5)
+        pair.primary.proc.kill()
+        pair.wait_failover("b")
+        start = len(pair.secondary.lines)
+        pair.secondary.wait_line(r"fpregs: pass=\d+ ok", start=start, timeout=30)
+        pair.secondary.wait_line(r"fpregs: pass=\d+ ok", start=start + 1, timeout=30)
+        assert not any("FAIL" in line for line in pair.primary.lines + pair.secondary.lines)
+    finally:
+        pair.close()
