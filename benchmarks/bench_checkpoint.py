@@ -25,7 +25,7 @@ import time
 
 from report import pct, print_table  # noqa: E402
 
-from kvmcolo import guest_images, vmstate
+from kvmcolo import dirty_log, guest_images, vmstate
 from kvmcolo.console_buffer import ConsoleBuffer
 from kvmcolo.dirty_log import DirtyLog
 from kvmcolo.kvm_ffi import ffi
@@ -64,12 +64,12 @@ def wait_passes(m: Machine, n: int, timeout: float = 30.0) -> None:
 def bench_pause(pages: int, rounds: int) -> dict:
     m, _ = dirty_machine(pages)
     try:
-        log = DirtyLog(m.kvm, m.vm.fd, m.vm.memory)
+        log = dirty_log.of(m).reader("checkpoint")
         buf = bytearray((pages + 4096) * 4096 + (1 << 20))  # preallocated and touched: no page faults
-        m.pause()
+        m.hold("checkpoint")
         host = vmstate.HostCaps.probe(m.kvm, m.vm.vcpus[0])
         vmstate.capture(m, log, vmstate.KIND_FULL, None, host, buf)
-        m.resume()
+        m.release("checkpoint")
         # Between checkpoints the guest rewrites its whole working set: wait
         # for two completed passes (so at least one whole pass after the last
         # checkpoint), and at least 20 ms.
@@ -79,9 +79,9 @@ def bench_pause(pages: int, rounds: int) -> dict:
             if pages:
                 wait_passes(m, 2)
             t0 = time.perf_counter()
-            m.pause()
+            m.hold("checkpoint")
             cap = vmstate.capture(m, log, vmstate.KIND_INCREMENTAL, None, host, buf)
-            m.resume()
+            m.release("checkpoint")
             pauses.append((time.perf_counter() - t0) * 1e3)
             counts.append(cap.dirty_pages)
         return {"p50": statistics.median(pauses), "p99": pct(pauses, 0.99), "pages": int(statistics.median(counts))}
@@ -94,18 +94,18 @@ def bench_dirty_log(manual: bool, mem: int, pages: int, rounds: int = 20) -> flo
     rewriting `pages` pages between collects."""
     m, _ = dirty_machine(pages, mem)
     try:
-        log = DirtyLog(m.kvm, m.vm.fd, m.vm.memory, manual=manual)
-        m.pause()
+        log = DirtyLog(m.kvm, m.vm.fd, m.vm.memory, manual=manual).reader("bench")
+        m.hold("checkpoint")
         log.collect()
-        m.resume()
+        m.release("checkpoint")
         times = []
         for _ in range(rounds):
             wait_passes(m, 2)
-            m.pause()
+            m.hold("checkpoint")
             t0 = time.perf_counter()
-            log.collect(include_vmm=False)
+            log.collect()
             times.append((time.perf_counter() - t0) * 1e6)
-            m.resume()
+            m.release("checkpoint")
         return statistics.median(times)
     finally:
         m.close()

@@ -58,9 +58,9 @@ def bench_pause(cycles: int, cpus: int) -> dict:
         pauses, resumes = [], []
         for _ in range(cycles):
             t0 = time.perf_counter()
-            m.pause()
+            m.hold("checkpoint")
             t1 = time.perf_counter()
-            m.resume()
+            m.release("checkpoint")
             t2 = time.perf_counter()
             pauses.append((t1 - t0) * 1e6)
             resumes.append((t2 - t1) * 1e6)

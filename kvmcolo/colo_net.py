@@ -31,11 +31,12 @@ import struct
 import threading
 import time
 
-from kvmcolo import packets
+from kvmcolo import packets, testhooks
 from kvmcolo.buffers import scatter, split_views
 from kvmcolo.colo import Msg
 from kvmcolo.netcompare import Comparator, Release, RequestCheckpoint
 from kvmcolo.netrewrite import SeqRewriter
+from kvmcolo.threads import Periodic
 from kvmcolo.wire import ChannelError
 
 log = logging.getLogger("kvmcolo.net")
@@ -45,29 +46,6 @@ ANNOUNCE_DELAYS = (0.0, 0.05, 0.15, 0.35, 0.75)  # like QEMU's announce-self rou
 MAX_FRAME = 65536
 
 
-class Ticker:
-    """Calls `fn` every `interval` seconds on its own thread until stopped."""
-
-    def __init__(self, name: str, interval: float, fn):
-        self._stop = threading.Event()
-        self._interval = interval
-        self._fn = fn
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval):
-            try:
-                self._fn()
-            except Exception:  # noqa: BLE001 - a ticker failure must not take the VMM down
-                log.exception("network ticker failed")
-
-
 # ---- primary ------------------------------------------------------------------------------
 
 
@@ -75,9 +53,10 @@ class PrimaryNetwork:
     """The comparator for each NIC, fed by the guest (PrimaryPort.send) and by
     the secondary's frames; held frames go out through the tap."""
 
-    def __init__(self, devices, taps, send, epoch, request_checkpoint, timeout: float, max_queue: int):
+    def __init__(self, devices, taps, send, epoch, request_checkpoint, timeout: float, max_queue: int, on_error):
         """`send(mtype, parts)`: a frame to the secondary (raises ChannelError);
-        `epoch()`: captures so far; `request_checkpoint(reason)`."""
+        `epoch()`: captures so far; `request_checkpoint(reason)`;
+        `on_error(thread, exc)`: an internal error in the ticker thread."""
         self._send = send
         self._epoch = epoch
         self._request_checkpoint = request_checkpoint
@@ -88,7 +67,7 @@ class PrimaryNetwork:
         self.mirror_errors = 0
         for device, port in zip(devices, self.ports):
             device.set_backend(port)
-        self._ticker = Ticker("colo-net-tick", 0.01, self._tick)
+        self._ticker = Periodic("colo-net-tick", 0.01, self._tick, on_error)
 
     def start(self) -> None:
         self._ticker.start()
@@ -146,6 +125,7 @@ class PrimaryNetwork:
         return {"nics": out, "mirroring": self.mirroring, "mirror_errors": self.mirror_errors}
 
     def _tick(self) -> None:
+        testhooks.hit("colo-net-tick")
         now = time.monotonic()
         with self._lock:
             for nic, c in enumerate(self.comparators):
@@ -196,9 +176,10 @@ class SecondaryNetwork:
     """The SVM's NICs: mirrored input in, output to the primary, and the
     takeover of the taps at failover."""
 
-    def __init__(self, devices, taps, bridges, macs, send, epoch, paused):
+    def __init__(self, devices, taps, bridges, macs, send, epoch, paused, on_error):
         """`send(mtype, parts)` raises ChannelError; `epoch()`: loads so far;
-        `paused()`: the SVM is stopped (for a checkpoint)."""
+        `paused()`: the SVM is stopped (for a checkpoint);
+        `on_error(thread, exc)`: an internal error in the ticker thread."""
         self._paused = paused
         self._devices = devices
         self._taps = taps
@@ -212,7 +193,7 @@ class SecondaryNetwork:
         self.output_errors = 0
         for device, port in zip(devices, self.ports):
             device.set_backend(port)
-        self._ticker = Ticker("colo-net-tick", 0.1, self._tick)
+        self._ticker = Periodic("colo-net-tick", 0.1, self._tick, on_error)
 
     def start(self) -> None:
         self._ticker.start()
@@ -287,6 +268,7 @@ class SecondaryNetwork:
         return {"nics": [p.stats() for p in self.ports], "active": self.active, "output_errors": self.output_errors}
 
     def _tick(self) -> None:
+        testhooks.hit("colo-net-tick")
         for port in self.ports:
             port.tick()
 

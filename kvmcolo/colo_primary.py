@@ -21,14 +21,15 @@ import struct
 import threading
 import time
 
-from kvmcolo import sections, vmstate
+from kvmcolo import dirty_log, sections, testhooks, vmstate
 from kvmcolo.colo import Act, Msg, PrimaryCore, ProtocolError
 from kvmcolo.colo_net import PrimaryNetwork
 from kvmcolo.colo_session import (CheckpointRecord, ColoOptions, ColoStatus, Heartbeat, config_message, fence_peer,
                                   hang_up)  # fmt: skip
-from kvmcolo.dirty_log import DirtyLog
+from kvmcolo.dirty_log import DirtyReader
 from kvmcolo.disk_replication import HASH_CHUNK, chunk_hashes, file_hash
 from kvmcolo.errors import UserError
+from kvmcolo.threads import guarded
 from kvmcolo.wire import Channel, ChannelError, client_handshake
 
 log = logging.getLogger("kvmcolo.colo")
@@ -53,13 +54,13 @@ class ColoPrimary:
         self._reason = "timer"
         self._lost = threading.Event()
         self._stopping = threading.Event()
-        self._paused_by_us = False
+        self._holding = False  # the checkpoint thread's hold on the guest (only that thread touches it)
         self._lock = threading.Lock()
         self._seq = 0
         self._heartbeat: Heartbeat | None = None
         self._ram_buffer = bytearray()
         self.network: PrimaryNetwork | None = None
-        self.dirty_log: DirtyLog | None = None
+        self.dirty: DirtyReader | None = None  # checkpoints' view of the machine's one dirty log
         self.host: vmstate.HostCaps | None = None
         self._epoch = 0  # checkpoints captured so far (the initial copy counts): tags forwarded writes
 
@@ -131,8 +132,8 @@ class ColoPrimary:
         """The first full copy, before the guest first runs: RAM, vCPU, VM and
         device state.  Returns when the secondary has loaded it."""
         m = self.machine
-        self.dirty_log = DirtyLog(m.kvm, m.vm.fd, m.vm.memory)
-        cap = vmstate.capture(m, self.dirty_log, vmstate.KIND_FULL, None, self.host)
+        self.dirty = dirty_log.of(m).reader("colo")
+        cap = vmstate.capture(m, self.dirty, vmstate.KIND_FULL, None, self.host)
         self._epoch = 1  # writes from now on belong after the initial copy
         parts = sections.encode(cap.sections)
         total = sections.encoded_size(parts)
@@ -161,13 +162,13 @@ class ColoPrimary:
         if devices:
             self.network = PrimaryNetwork(devices, self.machine.taps, self.channel.send, lambda: self._epoch,
                                           self.request_checkpoint, self.options.compare_timeout,
-                                          self.options.max_queue)  # fmt: skip
+                                          self.options.max_queue, self._internal_error)  # fmt: skip
             self.status.net_stats = self.network.stats
             self.network.start()
-        self._heartbeat = Heartbeat(self.channel, self.options.heartbeat_interval, self._lose)
+        self._heartbeat = Heartbeat(self.channel, self.options.heartbeat_interval, self._lose, self._internal_error)
         self._heartbeat.start()
-        threading.Thread(target=self._receive, name="colo-recv", daemon=True).start()
-        threading.Thread(target=self._loop, name="colo-checkpoints", daemon=True).start()
+        guarded("colo-recv", self._receive, self._internal_error)
+        guarded("colo-checkpoints", self._loop, self._internal_error)
 
     # ---- public controls ---------------------------------------------------------
 
@@ -175,6 +176,9 @@ class ColoPrimary:
         """Ask for a checkpoint as soon as possible (comparator, control socket)."""
         self._reason = reason
         self._trigger.set()
+
+    def follows_peer(self) -> bool:
+        return False  # the primary's guest is its own
 
     def failover(self, reason: str = "requested") -> None:
         """Give up the secondary and go on alone (like x-colo-lost-heartbeat)."""
@@ -202,6 +206,7 @@ class ColoPrimary:
         try:
             while not self._lost.is_set():
                 mtype, payload = self.channel.recv()
+                testhooks.hit("colo-recv")
                 if mtype == Msg.NET_OUTPUT:
                     if self.network is not None:
                         self.network.from_secondary(payload)
@@ -228,9 +233,8 @@ class ColoPrimary:
         self.status.failover("secondary lost; the primary goes on alone", reason)
         self._inbox.put(None)
         hang_up(self._heartbeat, self.channel)
-        if self._paused_by_us:
-            self._paused_by_us = False
-            self.machine.resume()
+        # A checkpoint in progress ends at once (its _wait sees the None above)
+        # and gives back its hold on the guest; the operator's hold, if any, stays.
         if fencing:  # the guest runs on meanwhile; its network output stays held
             threading.Thread(target=self._fence_then_go_on, args=(reason,), name="colo-fence", daemon=True).start()
         elif self.network is not None:
@@ -244,6 +248,19 @@ class ColoPrimary:
             return
         self.status.state = "fenced-out"
         self.machine.vm.request_exit(3, "could not fence the secondary: the primary stops to avoid a split brain")
+
+    def _internal_error(self, thread: str, exc: BaseException) -> None:
+        """A bug, not a lost peer: logged once with its traceback, then the
+        secondary is told to end (it must not take over a guest that is still
+        running here) and the primary goes on alone."""
+        self.status.internal_error(thread, exc)
+        if self.channel is not None and not self._lost.is_set():
+            try:
+                self.channel.send(Msg.GOODBYE, [json.dumps({"status": 4, "reason": (
+                    f"the primary ended protection after an internal error in {thread}; it goes on alone")}).encode()])
+            except ChannelError:
+                pass
+        self._lose(f"internal error in {thread}: {type(exc).__name__}: {exc}")
 
     def _loop(self) -> None:
         while not self._lost.is_set() and not self._stopping.is_set():
@@ -273,6 +290,7 @@ class ColoPrimary:
             self._do(act)
 
     def _checkpoint(self, reason: str) -> None:
+        testhooks.hit("colo-checkpoints")
         self._seq += 1
         self._rec = {"reason": reason, "t0": time.perf_counter()}
         self.status.phase = "requested"
@@ -281,10 +299,18 @@ class ColoPrimary:
         for act in self.core.start_checkpoint():
             self._do(act)
         timeout = self.options.heartbeat_timeout * 3
-        self._wait(Msg.CHECKPOINT_REPLY, timeout)  # -> pause, capture, (resume), send
-        self._wait(Msg.VMSTATE_RECEIVED, timeout)
-        self._rec["received"] = time.perf_counter()
-        self._wait(Msg.VMSTATE_LOADED, timeout * 4)
+        try:
+            self._wait(Msg.CHECKPOINT_REPLY, timeout)  # -> pause, capture, (resume), send
+            self._wait(Msg.VMSTATE_RECEIVED, timeout)
+            self._rec["received"] = time.perf_counter()
+            self._wait(Msg.VMSTATE_LOADED, timeout * 4)
+        finally:
+            self._release_guest()  # however the checkpoint ended
+
+    def _release_guest(self) -> None:
+        if self._holding:
+            self._holding = False
+            self.machine.release("checkpoint")
 
     def _do(self, act: Act) -> None:
         ch = self.channel
@@ -292,15 +318,13 @@ class ColoPrimary:
             if act is Act.SEND_REQUEST:
                 ch.send(Msg.CHECKPOINT_REQUEST)
             elif act is Act.PAUSE_VM:
-                self.machine.pause()
-                self._paused_by_us = True
+                self.machine.hold("checkpoint")
+                self._holding = True
                 self._rec["paused"] = time.perf_counter()
             elif act is Act.CAPTURE:
                 self._capture()
             elif act is Act.RESUME_VM:
-                if self._paused_by_us:
-                    self._paused_by_us = False
-                    self.machine.resume()
+                self._release_guest()
                 self._rec["resumed"] = time.perf_counter()
             elif act is Act.SEND_STATE:
                 self.status.phase = "sending"
@@ -317,13 +341,15 @@ class ColoPrimary:
                 pass  # done by the receiver thread as VMSTATE_RECEIVED arrived (see _receive)
             elif act is Act.CHECKPOINT_DONE:
                 self._finish_record()
+            else:
+                raise ProtocolError(f"the primary driver has no action {act}")
         except ChannelError as e:
             self._lose(str(e))
             raise SecondaryLost()
 
     def _capture(self) -> None:
         m = self.machine
-        cap = vmstate.capture(m, self.dirty_log, vmstate.KIND_INCREMENTAL, None, self.host, self._ram_buffer)
+        cap = vmstate.capture(m, self.dirty, vmstate.KIND_INCREMENTAL, None, self.host, self._ram_buffer)
         self._epoch += 1  # guest paused, I/O thread held: no write is being forwarded right now
         ram = cap.sections[-1].payload
         if len(self._ram_buffer) < len(ram):

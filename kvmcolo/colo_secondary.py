@@ -26,16 +26,17 @@ import struct
 import threading
 import time
 
-from kvmcolo import sections, vmstate
-from kvmcolo.colo import Act, Failover, Msg, ProtocolError, SecondaryCore, SState
+from kvmcolo import dirty_log, sections, testhooks, vmstate
+from kvmcolo.colo import Act, Failover, FState, Msg, ProtocolError, SecondaryCore, SState
 from kvmcolo.colo_net import SecondaryNetwork
 from kvmcolo.colo_session import (CheckpointRecord, ColoOptions, ColoStatus, Heartbeat, config_message,
                                   config_mismatch, fence_peer, hang_up)  # fmt: skip
 from kvmcolo.devices.virtio_net import parse_mac
-from kvmcolo.dirty_log import DirtyLog, merge_and_copy, scatter_pages
+from kvmcolo.dirty_log import DirtyReader, merge_and_copy, scatter_pages
 from kvmcolo.disk_replication import PendingWrites, apply_writes, chunk_hashes, file_hash
 from kvmcolo.errors import UserError
 from kvmcolo.memory import GuestMemory
+from kvmcolo.threads import guarded
 from kvmcolo.wire import AuthenticationError, Channel, ChannelError, server_handshake
 
 log = logging.getLogger("kvmcolo.colo")
@@ -59,13 +60,14 @@ class ColoSecondary:
         self.failover_state = Failover()
         self.channel: Channel | None = None
         self.cache = GuestMemory(machine.config.mem_size)
-        self.dirty_log: DirtyLog | None = None
+        self.dirty: DirtyReader | None = None  # the SVM's own writes, through the machine's one dirty log
         self.host = vmstate.HostCaps.probe(machine.kvm, machine.vm.vcpus[0])
         self._heartbeat: Heartbeat | None = None
         self._snap: vmstate.Snapshot | None = None
         self._seq = 0
         self._ended = threading.Event()
         self._lock = threading.Lock()
+        self._holding = False  # the SVM is held for a checkpoint (under _lock)
         self.goodbye: dict | None = None
         self.network: SecondaryNetwork | None = None
         self._server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -124,8 +126,8 @@ class ColoSecondary:
         vmstate.apply_ram(self.cache, snap)
         vmstate.apply_ram(self.machine.vm.memory, snap)
         vmstate.apply(self.machine, snap)
-        self.dirty_log = DirtyLog(self.machine.kvm, self.machine.vm.fd, self.machine.vm.memory)
-        self.dirty_log.collect()  # arm: from here on, the SVM's own writes are tracked
+        self.dirty = dirty_log.of(self.machine).reader("colo")
+        self.dirty.collect()  # arm: from here on, the SVM's own writes are tracked
         ch.timeout = self.options.heartbeat_timeout
         ch.sock.settimeout(self.options.heartbeat_timeout)
         self._setup_network()
@@ -142,16 +144,34 @@ class ColoSecondary:
         nets = self.machine.config.nets
         self.network = SecondaryNetwork(devices, self.machine.taps, [n.bridge for n in nets],
                                         [parse_mac(n.mac) for n in nets], self.channel.send,
-                                        lambda: self._loads, lambda: self.machine.paused)  # fmt: skip
+                                        lambda: self._loads, lambda: self.machine.paused,
+                                        self._internal_error)  # fmt: skip
         self.status.net_stats = self.network.stats
 
     def start(self) -> None:
         if self.network is not None:
             self.network.start()
         self._heartbeat = Heartbeat(self.channel, self.options.heartbeat_interval,
-                                    lambda why: self.fail_over(f"heartbeat send failed: {why}"))  # fmt: skip
+                                    lambda why: self.fail_over(f"heartbeat send failed: {why}"),
+                                    self._internal_error)  # fmt: skip
         self._heartbeat.start()
-        threading.Thread(target=self._loop, name="colo-secondary", daemon=True).start()
+        guarded("colo-secondary", self._loop, self._internal_error)
+
+    def follows_peer(self) -> bool:
+        """The SVM belongs to the primary until this side takes over."""
+        return self.failover_state.state is FState.NONE and not self._ended.is_set()
+
+    def _internal_error(self, thread: str, exc: BaseException) -> None:
+        """A bug, not a lost primary: taking over could run a second copy of a
+        guest that is still running there, so this side ends instead (exit 4)
+        and the primary goes on alone."""
+        self.status.internal_error(thread, exc)
+        if self._ended.is_set():
+            return
+        self._ended.set()
+        self.status.state = "failed"
+        hang_up(self._heartbeat, self.channel)
+        self.machine.vm.request_exit(4, f"internal error in {thread}: the secondary ends; the primary goes on alone")
 
     # ---- the receive loop -----------------------------------------------------------
 
@@ -160,6 +180,7 @@ class ColoSecondary:
         while not self._ended.is_set():
             try:
                 mtype, payload = ch.recv()
+                testhooks.hit("colo-secondary")
                 msg = Msg(mtype)
                 if msg is Msg.GOODBYE:
                     self.goodbye = json.loads(bytes(payload))
@@ -173,7 +194,11 @@ class ColoSecondary:
                         self.network.from_primary(payload)
                     continue
                 size = int.from_bytes(payload, "little") if msg is Msg.VMSTATE_SIZE else len(payload)
-                for act in self.core.on_message(msg, size):
+                with self._lock:  # atomic with fail_over()'s look at the core's state
+                    if self.failover_state.state is not FState.NONE:
+                        return  # failing over: nothing more of the primary's is adopted
+                    actions = self.core.on_message(msg, size)
+                for act in actions:
                     self._do(act, payload)
             except AuthenticationError as e:
                 log.error("checkpoint rejected: %s; nothing of it was applied", e)
@@ -194,7 +219,7 @@ class ColoSecondary:
         ch = self.channel
         if act is Act.PAUSE_VM:
             self._t_pause = time.perf_counter()
-            self.machine.pause()
+            self._hold_svm()
             self.status.phase = "stopped"
         elif act is Act.SEND_REPLY:
             ch.send(Msg.CHECKPOINT_REPLY)
@@ -208,7 +233,7 @@ class ColoSecondary:
         elif act is Act.LOAD_STATE:
             self._load(self._snap)
         elif act is Act.RESUME_VM:
-            self.machine.resume()
+            self._release_svm()
         elif act is Act.SEND_LOADED:
             try:
                 ch.send(Msg.VMSTATE_LOADED)
@@ -225,12 +250,28 @@ class ColoSecondary:
                 transfer_ms=(self._t_received - self._t_pause) * 1e3, load_ms=(now - self._t_received) * 1e3,
             ))  # fmt: skip
             self._snap = None
+        else:
+            raise ProtocolError(f"the secondary driver has no action {act}")
+
+    def _hold_svm(self) -> None:
+        with self._lock:
+            if not self._holding:
+                self.machine.hold("checkpoint")
+                self._holding = True
+
+    def _release_svm(self) -> None:
+        """Give back the checkpoint's hold (the receive thread after a load, or
+        a failover that ends a checkpoint half received); idempotent."""
+        with self._lock:
+            if self._holding:
+                self._holding = False
+                self.machine.release("checkpoint")
 
     def _load(self, snap: vmstate.Snapshot) -> None:
         """Adopt a verified checkpoint: cache <- PVM pages; SVM <- cache for every
         page either side dirtied; then vCPU, VM and device state."""
         self._seq += 1
-        svm_dirty = self.dirty_log.collect()
+        svm_dirty = self.dirty.collect()
         cache = {r.slot: r for r in self.cache.regions}
         for (slot, _size, pages, count, data), dirty in zip(snap.ram, svm_dirty):
             if count:
@@ -238,6 +279,9 @@ class ColoSecondary:
             merge_and_copy(dirty, pages, count, dirty.region, cache[slot].host_addr)
         self._apply_disks()
         vmstate.apply(self.machine, snap)
+        # The SVM runs exactly when the PVM does: an operator's stop on the
+        # primary holds it here too, from this checkpoint until one without.
+        self.machine.run_state.set_operator(bool(snap.meta.get("operator_stopped")))
         if self.network is not None:
             self.network.checkpoint_loaded(self._loads)
         if self.options.verify_every and self._seq % self.options.verify_every == 0:
@@ -263,7 +307,7 @@ class ColoSecondary:
         state's capture into the base images (journaled), then the SVM's own
         writes thrown away."""
         self._loads += 1  # the initial copy is load 1: it takes the epoch-0 (initial sync) writes
-        crash = (lambda: os._exit(70)) if os.environ.get("KVMCOLO_DEBUG_CRASH_IN_APPLY") else None
+        crash = (lambda: testhooks.hit("crash:disk-apply")) if testhooks.armed("crash:disk-apply") else None
         for base, pending in zip(self.disk_bases, self.pending):
             batch = pending.before(self._loads)
             if batch:
@@ -300,9 +344,9 @@ class ColoSecondary:
         if self.network is not None:
             self.network.take_over()
         # Stopped for a checkpoint that never completed: the SVM's own state is
-        # consistent (nothing of the checkpoint was applied), so it just goes on.
-        if self.machine.paused:
-            self.machine.resume()
+        # consistent (nothing of the checkpoint was applied), so it just goes on
+        # (unless the primary's operator had it stopped: then it stays so).
+        self._release_svm()
         self.failover_state.complete()
         self.status.state = "active"
         self.status.phase = "idle"

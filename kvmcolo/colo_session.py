@@ -13,7 +13,9 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 
+from kvmcolo import testhooks
 from kvmcolo.colo import Msg
+from kvmcolo.threads import Periodic
 from kvmcolo.wire import Channel, ChannelError
 
 log = logging.getLogger("kvmcolo.colo")
@@ -67,7 +69,19 @@ class ColoStatus:
         self.hashes: dict[int, dict] = {}  # debug: seq -> state hashes
         self.phase = "idle"  # for tests: where in a checkpoint we are
         self.net_stats = None  # () -> dict of the network side's counters, once it runs
+        self.internal_errors: list[str] = []  # unexpected exceptions that ended protection
         self._lock = threading.Lock()
+
+    def protected(self) -> bool:
+        """Replication is really happening (never claimed otherwise)."""
+        return self.state == "colo"
+
+    def internal_error(self, thread: str, exc: BaseException) -> None:
+        """An unexpected exception in a COLO thread: logged once with its
+        traceback, counted; the caller then ends protection."""
+        with self._lock:
+            self.internal_errors.append(f"{thread}: {type(exc).__name__}: {exc}")
+        log.error("internal error in %s; protection ends", thread, exc_info=exc)
 
     def record(self, rec: CheckpointRecord) -> None:
         with self._lock:
@@ -85,6 +99,7 @@ class ColoStatus:
             return {
                 "role": self.role,
                 "state": self.state,
+                "protected": self.protected(),
                 "phase": self.phase,
                 "peer": self.peer,
                 "checkpoints": self.checkpoints,
@@ -93,33 +108,38 @@ class ColoStatus:
                 "failovers": list(self.failovers),
                 "hashes": {str(k): v for k, v in self.hashes.items()},
                 "net": self.net_stats() if self.net_stats else None,
+                "internal_errors": list(self.internal_errors),
             }
 
 
 class Heartbeat:
-    """Sends HEARTBEAT whenever the channel has been quiet for an interval."""
+    """Sends HEARTBEAT whenever the channel has been quiet for an interval.
+    A failed send is the peer lost (`on_lost`); anything else is an internal
+    error (`on_error`)."""
 
-    def __init__(self, channel: Channel, interval: float, on_lost):
+    def __init__(self, channel: Channel, interval: float, on_lost, on_error):
         self._channel = channel
         self._interval = interval
         self._on_lost = on_lost
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+        self._periodic = Periodic("heartbeat", interval / 2, self._beat, on_error)
+        self._lost = False
 
     def start(self) -> None:
-        self._thread.start()
+        self._periodic.start()
 
     def stop(self) -> None:
-        self._stop.set()
+        self._periodic.stop()
 
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval / 2):
-            if time.monotonic() - self._channel.last_sent >= self._interval:
-                try:
-                    self._channel.send(Msg.HEARTBEAT)
-                except ChannelError as e:
-                    self._on_lost(str(e))
-                    return
+    def _beat(self) -> None:
+        testhooks.hit("heartbeat")
+        if self._lost or time.monotonic() - self._channel.last_sent < self._interval:
+            return
+        try:
+            self._channel.send(Msg.HEARTBEAT)
+        except ChannelError as e:
+            self._lost = True
+            self.stop()
+            self._on_lost(str(e))
 
 
 def hang_up(heartbeat: Heartbeat | None, channel: Channel | None) -> None:

@@ -18,6 +18,7 @@ Python would otherwise run per bit and per page.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 from kvmcolo.kvm_ffi import Kvm, ffi, ioctl, lib
@@ -30,7 +31,7 @@ class RegionDirty:
 
     region: Region
     pages: object  # cffi uint32_t[] of page numbers within the region, ascending;
-    # reused by the next DirtyLog.collect(), so consume it before then
+    # reused by the reader's next collect(), so consume it before then
     count: int
     bitmap: object = None  # the same set as a KVM-layout cffi uint64_t[] (from collect())
     words: int = 0
@@ -67,6 +68,16 @@ def pages_array(page_numbers: list[int]):
 
 
 class DirtyLog:
+    """The one owner of a machine's dirty pages (get it with `of(machine)`).
+
+    KVM keeps one log per memory slot, and reading it re-arms it: two
+    independent readers would steal pages from each other (a snapshot would
+    leave the next checkpoint incomplete).  So only this object reads KVM's
+    log and the VMM-dirty bitmap; every consumer (COLO checkpoints, the
+    secondary's own tracking, incremental snapshots, later pre-copy) has a
+    `DirtyReader` with its own pending bitmap, and every harvest is ORed into
+    all of them.  A reader's first collect returns every page."""
+
     def __init__(self, kvm: Kvm, vm_fd: int, memory: GuestMemory, manual: bool = True):
         """manual=False forces the legacy GET_DIRTY_LOG path (for measuring)."""
         self.memory = memory
@@ -79,24 +90,28 @@ class DirtyLog:
             cap.args[0] = wanted
             ioctl(vm_fd, lib.KVM_ENABLE_CAP, cap, what="manual dirty-log protect")
         memory.register(vm_fd, flags=lib.KVM_MEM_LOG_DIRTY_PAGES)
-        # One bitmap and one page list per region, allocated once: the
-        # checkpoint path allocates nothing.
-        self._bitmaps = []
-        self._pages = []
-        for r in memory.regions:
-            words = (r.npages + 63) // 64
-            self._bitmaps.append((ffi.new("uint64_t[]", words), words))
-            self._pages.append(ffi.new("uint32_t[]", words * 64))
+        # One scratch bitmap per region, allocated once: the checkpoint path
+        # allocates nothing.
+        self._scratch = [_new_bitmap(r) for r in memory.regions]
         self._log = ffi.new("struct kvm_dirty_log *")
         self._clear = ffi.new("struct kvm_clear_dirty_log *")
+        self._readers: dict[str, DirtyReader] = {}
+        self._lock = threading.Lock()
 
-    def collect(self, include_vmm: bool = True) -> list[RegionDirty]:
-        """Pages dirtied since the last collect (the first one: all pages),
-        re-arming the log for them.  vCPUs must be paused."""
-        vmm_maps = self.memory.take_vmm_dirty() if include_vmm else None
-        out = []
+    def reader(self, name: str) -> DirtyReader:
+        """The reader called `name` (made on first use; one per consumer)."""
+        with self._lock:
+            if name not in self._readers:
+                self._readers[name] = DirtyReader(self, name)
+            return self._readers[name]
+
+    def _harvest(self) -> None:
+        """Read and re-arm KVM's log and the VMM-dirty bitmap once, into every
+        reader's pending set (caller holds _lock; vCPUs paused)."""
+        vmm_maps = self.memory.take_vmm_dirty()
+        readers = list(self._readers.values())
         for i, r in enumerate(self.memory.regions):
-            bitmap, words = self._bitmaps[i]
+            bitmap, words = self._scratch[i]
             self._log.slot = r.slot
             self._log.dirty_bitmap = bitmap
             ioctl(self.vm_fd, lib.KVM_GET_DIRTY_LOG, self._log, what=f"slot {r.slot}")
@@ -106,19 +121,76 @@ class DirtyLog:
                 self._clear.num_pages = r.npages
                 self._clear.dirty_bitmap = bitmap
                 ioctl(self.vm_fd, lib.KVM_CLEAR_DIRTY_LOG, self._clear, what=f"slot {r.slot}")
-            if vmm_maps is not None:
-                lib.kvmcolo_bitmap_or(bitmap, ffi.from_buffer("uint64_t[]", vmm_maps[i]), words)
-            count = lib.kvmcolo_bitmap_pages(bitmap, words, self._pages[i])
-            out.append(RegionDirty(r, self._pages[i], count, bitmap, words))
-        return out
+            lib.kvmcolo_bitmap_or(bitmap, ffi.from_buffer("uint64_t[]", vmm_maps[i]), words)
+            for reader in readers:
+                lib.kvmcolo_bitmap_or(reader._pending[i][0], bitmap, words)
 
     def stop(self) -> None:
         """Turn logging off again (slots back to plain RAM)."""
         self.memory.register(self.vm_fd, flags=0)
 
 
+class DirtyReader:
+    """One consumer's view of the machine's dirty pages."""
+
+    def __init__(self, log: DirtyLog, name: str):
+        self.name = name
+        self._log = log
+        regions = log.memory.regions
+        self._pending = [_new_bitmap(r, all_set=True) for r in regions]
+        self._out = [_new_bitmap(r) for r in regions]
+        self._pages = [ffi.new("uint32_t[]", words * 64) for _, words in self._out]
+
+    def collect(self) -> list[RegionDirty]:
+        """Pages dirtied since this reader's last collect (the first time:
+        all pages).  vCPUs must be paused.  The result's arrays are reused by
+        the next collect of this reader."""
+        log = self._log
+        out = []
+        with log._lock:
+            log._harvest()
+            for i, r in enumerate(log.memory.regions):
+                pending, words = self._pending[i]
+                bitmap, _ = self._out[i]
+                ffi.memmove(bitmap, pending, words * 8)
+                ffi.memmove(pending, _zeros(words), words * 8)
+                count = lib.kvmcolo_bitmap_pages(bitmap, words, self._pages[i])
+                out.append(RegionDirty(r, self._pages[i], count, bitmap, words))
+        return out
+
+
+def of(machine) -> DirtyLog:
+    """The machine's one DirtyLog (logging starts on first use)."""
+    with _machine_lock:
+        if getattr(machine, "dirty_log", None) is None:
+            machine.dirty_log = DirtyLog(machine.kvm, machine.vm.fd, machine.vm.memory)
+        return machine.dirty_log
+
+
+_machine_lock = threading.Lock()
+_zero_words: dict[int, bytes] = {}
+
+
+def _zeros(words: int) -> bytes:
+    if words not in _zero_words:
+        _zero_words[words] = bytes(words * 8)
+    return _zero_words[words]
+
+
+def _new_bitmap(region: Region, all_set: bool = False):
+    """A KVM-layout bitmap for `region`: (uint64_t[] words, word count)."""
+    words = (region.npages + 63) // 64
+    bitmap = ffi.new("uint64_t[]", words)
+    if all_set:
+        full, rest = divmod(region.npages, 64)
+        ffi.buffer(bitmap)[: full * 8] = b"\xff" * (full * 8)
+        if rest:
+            bitmap[full] = (1 << rest) - 1
+    return bitmap, words
+
+
 def dirty_bytes(dirty: list[RegionDirty]) -> int:
     return sum(d.count for d in dirty) * PAGE_SIZE
 
 
-__all__ = ["DirtyLog", "RegionDirty", "PAGE_SHIFT", "dirty_bytes", "pages_array", "scatter_pages"]
+__all__ = ["DirtyLog", "DirtyReader", "RegionDirty", "of", "PAGE_SHIFT", "dirty_bytes", "pages_array", "scatter_pages"]

@@ -29,6 +29,7 @@ from kvmcolo.devices.virtio_net import DEFAULT_MAC, VirtioNet, parse_mac
 from kvmcolo.errors import UserError
 from kvmcolo.event_loop import EventLoop
 from kvmcolo.kvm_ffi import Kvm
+from kvmcolo.run_state import OPERATOR, RunState
 from kvmcolo.vm import Vm, VmExit
 
 log = logging.getLogger(__name__)
@@ -109,7 +110,8 @@ class Machine:
             self.vm.close()
             raise
         self._stdin_thread: threading.Thread | None = None
-        self.paused = False
+        self.run_state = RunState(self._stop_guest, self._let_guest_run)
+        self.dirty_log = None  # its one DirtyLog (layer 3): made by dirty_log.of(machine), read through its readers
 
     def _add_devices(self) -> None:
         out = self.config.serial_output
@@ -223,14 +225,16 @@ class Machine:
             self._stdin_thread = threading.Thread(target=self._pump_stdin, name="serial-stdin", daemon=True)
             self._stdin_thread.start()
 
-    def start_paused(self) -> None:
-        """Start everything but hold the guest (resume() lets it run)."""
+    def start_paused(self, reason: str = OPERATOR) -> None:
+        """Start everything but hold the guest for `reason` (its release, or
+        the operator's cont, lets it run)."""
         for v in self.vm.vcpus:
-            v.request_pause()
+            v.request_pause()  # no guest instruction runs before the hold is in place
         self.start()
-        self.vm.pause()
-        self.loop.pause()
-        self.paused = True
+        if reason == OPERATOR:
+            self.run_state.set_operator(True)
+        else:
+            self.run_state.hold(reason)
 
     def _pump_stdin(self) -> None:
         while self.vm.exit is None:
@@ -250,15 +254,30 @@ class Machine:
         self.start()
         return self.wait(timeout)
 
-    def pause(self) -> None:
-        """Stop the guest: every vCPU parked, then the I/O thread held between
-        requests, so no device has a request half done."""
+    # The guest's run state has one owner, self.run_state: whoever needs the
+    # guest stopped takes a hold there (hold/release/held, set_operator).
+
+    def hold(self, reason: str) -> None:
+        self.run_state.hold(reason)
+
+    def release(self, reason: str) -> None:
+        self.run_state.release(reason)
+
+    def held(self, reason: str):
+        """Context manager: the guest stopped for `reason` inside it."""
+        return self.run_state.held(reason)
+
+    @property
+    def paused(self) -> bool:
+        return self.run_state.stopped
+
+    def _stop_guest(self) -> None:
+        """Every vCPU parked, then the I/O thread held between requests, so
+        no device has a request half done (run_state's stop action)."""
         self.vm.pause()
         self.loop.pause()
-        self.paused = True
 
-    def resume(self) -> None:
-        self.paused = False
+    def _let_guest_run(self) -> None:
         self.loop.resume()
         self.vm.resume()
 

@@ -19,9 +19,8 @@ import os
 import time
 from dataclasses import dataclass
 
-from kvmcolo import sections, vmstate
+from kvmcolo import dirty_log, sections, vmstate
 from kvmcolo.buffers import consume
-from kvmcolo.dirty_log import DirtyLog
 from kvmcolo.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -86,7 +85,6 @@ class Snapshotter:
 
     def __init__(self, machine):
         self.machine = machine
-        self._dirty_log: DirtyLog | None = None
         self._host: vmstate.HostCaps | None = None
         self.last_id: str | None = None
 
@@ -99,18 +97,10 @@ class Snapshotter:
         m = self.machine
         if incremental and self.last_id is None:
             raise UserError("no earlier snapshot of this VM to build an incremental one on; take a full one first")
-        was_paused = m.paused
         t0 = time.perf_counter()
-        if not was_paused:
-            m.pause()
-        try:
-            if self._dirty_log is None:
-                self._dirty_log = DirtyLog(m.kvm, m.vm.fd, m.vm.memory)
+        with m.held("snapshot"):
             kind = vmstate.KIND_INCREMENTAL if incremental else vmstate.KIND_FULL
-            cap = vmstate.capture(m, self._dirty_log, kind, self.last_id if incremental else None, self.host_caps())
-        finally:
-            if not was_paused:
-                m.resume()
+            cap = vmstate.capture(m, dirty_log.of(m).reader("snapshot"), kind, self.last_id if incremental else None, self.host_caps())
         t1 = time.perf_counter()
         size = write_atomically(path, sections.encode(cap.sections))
         t2 = time.perf_counter()

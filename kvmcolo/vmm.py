@@ -41,12 +41,16 @@ class Vmm:
 
     def query_status(self) -> dict:
         m = self.machine
-        status = "exited" if m.vm.exit is not None else ("paused" if m.paused else "running")
+        run = m.run_state
+        # What the operator asked for: "paused" after stop until cont.  A
+        # checkpoint's own brief hold shows only in "holds".
+        status = "exited" if m.vm.exit is not None else ("paused" if run.operator_stopped else "running")
         out = {"status": status, "pid": os.getpid(), "vcpus": len(m.vm.vcpus), "memory_mib": m.config.mem_size >> 20,
-               "uptime_s": round(time.monotonic() - self.started, 3)}  # fmt: skip
+               "uptime_s": round(time.monotonic() - self.started, 3), "holds": run.holds()}  # fmt: skip
         if self.colo is not None:
             c = self.colo.status
-            out["colo"] = {"role": c.role, "state": c.state, "peer": c.peer, "checkpoints": c.checkpoints}
+            out["colo"] = {"role": c.role, "state": c.state, "peer": c.peer, "checkpoints": c.checkpoints,
+                           "protected": c.protected()}  # fmt: skip
         return out
 
     def query_colo(self) -> dict:
@@ -71,19 +75,22 @@ class Vmm:
         return {"requested": True}
 
     def stop(self) -> dict:
-        self._require_running_vm()
-        if not self.machine.paused:
-            self.machine.pause()
+        """Stop the guest (idempotent).  A protected primary stays protected:
+        checkpoints go on (cheaply: nothing runs), and the secondary stops
+        with it at the next one."""
+        self._require_own_guest("stop")
+        if self.machine.run_state.set_operator(True):
+            self._tell_colo("operator stop")
         return self.query_status()
 
     def cont(self) -> dict:
-        self._require_running_vm()
-        if self.machine.paused:
-            self.machine.resume()
+        self._require_own_guest("cont")
+        if self.machine.run_state.set_operator(False):
+            self._tell_colo("operator cont")
         return self.query_status()
 
     def snapshot(self, path: str, incremental: bool = False) -> dict:
-        self._require_running_vm()
+        self._require_own_guest("snapshot")
         if not isinstance(path, str) or not path:
             raise CommandError("snapshot needs a file path")
         return self.snapshots.take(path, bool(incremental)).as_dict()
@@ -111,6 +118,17 @@ class Vmm:
     def _require_running_vm(self) -> None:
         if self.machine.vm.exit is not None:
             raise CommandError("the guest has already ended")
+
+    def _require_own_guest(self, command: str) -> None:
+        """A COLO secondary's guest follows the primary until it takes over."""
+        self._require_running_vm()
+        if self.colo is not None and self.colo.follows_peer():
+            raise CommandError(f"this is a COLO secondary: its guest follows the primary; {command} it there")
+
+    def _tell_colo(self, reason: str) -> None:
+        """A primary checkpoints at once, so the secondary adopts the new run state."""
+        if self.colo is not None and hasattr(self.colo, "request_checkpoint") and self.colo.status.protected():
+            self.colo.request_checkpoint(reason)
 
     # ---- life ---------------------------------------------------------------
 

@@ -27,7 +27,7 @@ import uuid
 from dataclasses import dataclass
 
 from kvmcolo import sections, xsave
-from kvmcolo.dirty_log import DirtyLog, RegionDirty
+from kvmcolo.dirty_log import DirtyReader, RegionDirty
 from kvmcolo.kvm_ffi import Kvm, ffi, lib
 from kvmcolo.memory import PAGE_SIZE
 from kvmcolo.xsave import XsaveLayout
@@ -201,12 +201,12 @@ class Captured:
     dirty_pages: int
 
 
-def capture(machine, dirty_log: DirtyLog, kind: str, parent: str | None, host: HostCaps,
+def capture(machine, dirty: DirtyReader, kind: str, parent: str | None, host: HostCaps,
             ram_buffer: bytearray | None = None) -> Captured:  # fmt: skip
     """The machine's state (guest paused).  `kind` full: every non-zero page;
     incremental: pages dirtied since the last capture.  Either way the dirty
     log is re-armed, so the next incremental is relative to this one."""
-    dirty = dirty_log.collect()
+    dirty = dirty.collect()
     if kind == KIND_FULL:
         dirty = _nonzero_pages(machine, dirty)
     meta = {
@@ -216,6 +216,7 @@ def capture(machine, dirty_log: DirtyLog, kind: str, parent: str | None, host: H
         "parent": parent,
         "time": time.time(),
         "machine": machine.shape(),
+        "operator_stopped": machine.run_state.operator_stopped,  # a COLO secondary mirrors it
         "host": host.as_meta(),
     }
     secs = [sections.Section(b"META", 1, json.dumps(meta).encode())]

@@ -38,17 +38,18 @@ class ColoPair:
             self.close()
             raise
 
-    def start_secondary(self, vm_args, extra=(), key=None, port: int = PORT) -> GuestProcess:
+    def start_secondary(self, vm_args, extra=(), key=None, port: int = PORT, env=None) -> GuestProcess:
         self.secondary = GuestProcess(self.b.cmd(
             kvmcolo_exe(), "boot", "--secondary", "--listen", f"{ADDR_B}:{port}", "--key-file", str(key or self.key),
-            "--control", str(self.tmp / "b.sock"), *extra, *vm_args))  # fmt: skip
+            "--control", str(self.tmp / "b.sock"), *extra, *vm_args), env)  # fmt: skip
         self.wait_socket(self.secondary, self.tmp / "b.sock")
         return self.secondary
 
-    def start_primary(self, vm_args, guest_args=(), extra=(), key=None, port: int = PORT, wait: bool = True):
+    def start_primary(self, vm_args, guest_args=(), extra=(), key=None, port: int = PORT, wait: bool = True,
+                      env=None):  # fmt: skip
         self.primary = GuestProcess(self.a.cmd(
             kvmcolo_exe(), "boot", "--primary", "--peer", f"{ADDR_B}:{port}", "--key-file", str(key or self.key),
-            "--control", str(self.tmp / "a.sock"), *extra, *vm_args, "--", *guest_args))  # fmt: skip
+            "--control", str(self.tmp / "a.sock"), *extra, *vm_args, "--", *guest_args), env)  # fmt: skip
         if wait:
             self.wait_socket(self.primary, self.tmp / "a.sock")
             self.wait_checkpoints(self.tmp / "a.sock", 2)

@@ -153,7 +153,7 @@ def test_failover_keeps_every_acknowledged_record(fuse, tmp_path, when):
 
 def test_secondary_killed_during_an_apply_replays_its_journal(fuse, tmp_path):
     a, b = images_pair(tmp_path, differ=False)
-    pair = start(tmp_path, a, b, env_b={"KVMCOLO_DEBUG_CRASH_IN_APPLY": "1"}, wait=False)
+    pair = start(tmp_path, a, b, env_b={"KVMCOLO_TEST_HOOKS": "crash:disk-apply"}, wait=False)
     try:
         assert pair.secondary.proc.wait(30) == 70  # died right after the journal was made durable
         assert os.path.exists(journal_path(str(b)))

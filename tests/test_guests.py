@@ -65,9 +65,9 @@ def test_dirty_detects_corrupted_memory(images):
         m.start()
         base = int(sink.wait_for(r"dirty: start .*base=(0x[0-9a-f]+)").group(1), 16)
         sink.wait_for(r"dirty: pass=3 ok")
-        m.pause()
+        m.hold("checkpoint")
         m.vm.memory.write(base + 4096 * 4, bytes(4096))  # zero one page of the working set
-        m.resume()
+        m.release("checkpoint")
         result = m.wait(timeout=30)
         assert result is not None and result.status == 1, (result, sink.text[-1000:])
         assert re.search(r"dirty: FAIL pass=\d+ page=\d+", sink.text)
@@ -111,7 +111,7 @@ def test_pause_resume_1000_cycles(images, cpus):
         m.start()
         sink.wait_for(progress)
         for i in range(1000):
-            m.pause()
+            m.hold("checkpoint")
             assert all(v.state is VcpuState.PAUSED for v in m.vm.vcpus)
             if i % 100 == 0:
                 # Really stopped: no console output and no exits while paused.
@@ -119,7 +119,7 @@ def test_pause_resume_1000_cycles(images, cpus):
                 regs = [v.get_regs().rip for v in m.vm.vcpus]  # state is readable while paused
                 assert all(rip for rip in regs)
                 assert len(sink.text) == before_text and [v.exits for v in m.vm.vcpus] == before_exits
-            m.resume()
+            m.release("checkpoint")
         assert m.vm.exit is None, m.vm.exit
         last = int(re.findall(progress, sink.text)[-1])
         sink.wait_for(progress.replace(r"(\d+)", str(last + 2 if cpus == 2 else last + 40)), timeout=60)
@@ -190,7 +190,7 @@ def test_a_vcpu_started_paused_runs_no_instruction(images):
         assert m.vm.vcpus[0].run.immediate_exit == 1  # its first KVM_RUN cannot enter the guest
         m.start_paused()
         assert m.vm.vcpus[0].get_regs().rip == before and sink.text == ""
-        m.resume()
+        assert m.run_state.set_operator(False)
         sink.wait_for(r"dirty: pass=1 ok")
     finally:
         m.close()

@@ -125,18 +125,18 @@ def test_vmm_written_pages_are_in_incremental_snapshots(images):
     incremental snapshot: KVM's dirty log never sees them."""
     from kvmcolo import guest_images, sections, vmstate
     from kvmcolo.console_buffer import ConsoleBuffer
-    from kvmcolo.dirty_log import DirtyLog
+    from kvmcolo import dirty_log
     from kvmcolo.machine import Machine, MachineConfig
 
     sink = ConsoleBuffer()
     m = Machine(MachineConfig(kernel=str(guest_images.image_path("dirty")), cmdline="pages=16 report=100000",
                               serial_output=sink))  # fmt: skip
     try:
-        log = DirtyLog(m.kvm, m.vm.fd, m.vm.memory)
+        log = dirty_log.of(m).reader("snapshot")
         host = vmstate.HostCaps.probe(m.kvm, m.vm.vcpus[0])
         m.start()
         sink.wait_for(r"dirty: start")
-        m.pause()
+        m.hold("snapshot")
         full = vmstate.capture(m, log, vmstate.KIND_FULL, None, host)
         dma = bytes(range(256)) * 16
         m.vm.memory.write(0x800000, dma)  # the guest never touches 8 MiB

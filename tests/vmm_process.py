@@ -3,6 +3,7 @@ for, and its control socket."""
 
 from __future__ import annotations
 
+import os
 import queue
 import re
 import subprocess
@@ -17,8 +18,10 @@ from kvmcolo import control
 class GuestProcess:
     """A `kvmcolo run` subprocess whose console lines can be awaited."""
 
-    def __init__(self, argv: list[str]):
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
+    def __init__(self, argv: list[str], env: dict | None = None):
+        """`env`: variables added to this process's environment."""
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1,
+                                     env={**os.environ, **env} if env else None)  # fmt: skip
         self.lines: list[str] = []
         self._new = queue.Queue()
         self.stderr_lines: list[str] = []
@@ -72,6 +75,10 @@ class GuestProcess:
     def control_path(self) -> str:
         argv = self.proc.args
         return argv[argv.index("--control") + 1]
+
+    def all_lines(self) -> list[str]:
+        """Console and stderr lines."""
+        return self.lines + self.stderr_lines
 
     def new_lines_from(self, index: int) -> list[str]:
         return self.lines[index:]
