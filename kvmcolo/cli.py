@@ -108,7 +108,6 @@ def _build_parser() -> argparse.ArgumentParser:
     boot.add_argument("--overlay-dir", metavar="DIR",
                       help="where the secondary mounts its disk overlays (default /run/kvmcolo/overlay)")
     boot.add_argument("--verify-every", type=int, default=0, metavar="N", help=argparse.SUPPRESS)
-    boot.add_argument("--debug-stall-ms", type=int, default=0, metavar="MS", help=argparse.SUPPRESS)
     _add_vm_options(boot, kernel_required=False)
     _add_control_option(boot, serve=True)
 
@@ -299,7 +298,7 @@ def _cmd_boot(args) -> int:
     key = wire.load_key(args.key_file)
     options = ColoOptions(checkpoint_delay=args.checkpoint_delay / 1000, heartbeat_interval=args.heartbeat_interval / 1000,
                           heartbeat_timeout=args.heartbeat_timeout / 1000, resume_early=args.resume_early,
-                          verify_every=args.verify_every, debug_stall_ms=args.debug_stall_ms,
+                          verify_every=args.verify_every,
                           compare_timeout=args.compare_timeout / 1000, max_queue=args.max_queue,
                           fence_command=args.fence_command)  # fmt: skip
     config = _machine_config(args, boot_kernel=args.primary)

@@ -16,11 +16,21 @@ The checkpoint transaction follows QEMU's migration/colo.c:
                         <-------------------  VMSTATE_LOADED
     resume the PVM (if not already)
 
-Each core takes an event (a message or a local happening) and returns the
-list of actions for its driver to carry out, in order.  Anything that does
-not fit the table is a ProtocolError: the driver drops the connection,
-applies nothing, and fails over.  The transition tables are the rules; read
-them first.
+The rules (each one is data below, read the tables first):
+1. Each core takes an event — a peer's message (Msg) or a local happening
+   (Event) — and returns the actions for its driver to carry out, in order.
+   The driver carries out exactly those; its dispatch ends in `else: raise`.
+2. Anything that does not fit a table is a ProtocolError: the driver drops
+   the connection, applies nothing, and fails over.
+3. One checkpoint at a time: the primary starts one only from IDLE, and the
+   secondary takes a request only while RUNNING.
+4. The primary's output is released only at VMSTATE_RECEIVED (the
+   secondary holds the whole checkpoint, so it can fail over to it), never
+   earlier; with resume_early the PVM runs again right after its capture.
+5. The secondary applies a checkpoint only after all of it arrived with the
+   announced size and was verified; a load always finishes (Event.LOADED)
+   before anything else of the primary's is taken.
+6. Heartbeats are liveness only: every core ignores them in every state.
 
 Failover (both sides): NONE -> REQUIRE -> ACTIVE -> COMPLETED.  A request
 that arrives while the secondary is loading a checkpoint is RELAUNCH: the
@@ -87,33 +97,47 @@ class PState(enum.Enum):
     RECEIVED = "received"  # waiting for VMSTATE_LOADED
 
 
+class Event(enum.Enum):
+    """Local happenings a core is told about (the peer's are Msg)."""
+
+    START = "a checkpoint is due (timer, comparator, operator)"
+    LOADED = "the secondary driver finished loading a checkpoint"
+
+
+def _primary_table(resume_early: bool) -> dict:
+    # With resume_early the PVM runs again as soon as its state is captured;
+    # otherwise only once the secondary has loaded it.
+    after_capture = [Act.RESUME_VM] if resume_early else []
+    at_loaded = [] if resume_early else [Act.RESUME_VM]
+    return {
+        (PState.IDLE, Event.START): (PState.REQUESTED, [Act.SEND_REQUEST]),
+        (PState.REQUESTED, Msg.CHECKPOINT_REPLY): (
+            PState.SENT, [Act.PAUSE_VM, Act.CAPTURE, *after_capture, Act.SEND_STATE]),
+        (PState.SENT, Msg.VMSTATE_RECEIVED): (PState.RECEIVED, [Act.RELEASE_OUTPUT]),
+        (PState.RECEIVED, Msg.VMSTATE_LOADED): (PState.IDLE, [*at_loaded, Act.CHECKPOINT_DONE]),
+    }  # fmt: skip
+
+
 class PrimaryCore:
     def __init__(self, resume_early: bool = True):
         self.state = PState.IDLE
         self.resume_early = resume_early
+        self._table = _primary_table(resume_early)
+
+    def on_event(self, event: Msg | Event) -> list[Act]:
+        if event is Msg.HEARTBEAT:
+            return []
+        step = self._table.get((self.state, event))
+        if step is None:
+            raise ProtocolError(f"unexpected {event.name} while {self.state.value}")
+        self.state, acts = step
+        return list(acts)
 
     def start_checkpoint(self) -> list[Act]:
-        if self.state is not PState.IDLE:
-            raise ProtocolError(f"checkpoint started while {self.state.value}")
-        self.state = PState.REQUESTED
-        return [Act.SEND_REQUEST]
+        return self.on_event(Event.START)
 
     def on_message(self, msg: Msg) -> list[Act]:
-        if msg is Msg.HEARTBEAT:
-            return []
-        if self.state is PState.REQUESTED and msg is Msg.CHECKPOINT_REPLY:
-            self.state = PState.SENT
-            acts = [Act.PAUSE_VM, Act.CAPTURE]
-            if self.resume_early:
-                acts.append(Act.RESUME_VM)  # output stays held until RECEIVED
-            return acts + [Act.SEND_STATE]
-        if self.state is PState.SENT and msg is Msg.VMSTATE_RECEIVED:
-            self.state = PState.RECEIVED
-            return [Act.RELEASE_OUTPUT]
-        if self.state is PState.RECEIVED and msg is Msg.VMSTATE_LOADED:
-            self.state = PState.IDLE
-            return ([] if self.resume_early else [Act.RESUME_VM]) + [Act.CHECKPOINT_DONE]
-        raise ProtocolError(f"unexpected {msg.name} while {self.state.value}")
+        return self.on_event(msg)
 
 
 # ---- secondary ---------------------------------------------------------------------------
@@ -135,6 +159,7 @@ _SECONDARY = {
         SState.LOADING,
         [Act.VERIFY_STATE, Act.SEND_RECEIVED, Act.LOAD_STATE, Act.RESUME_VM, Act.SEND_LOADED, Act.CHECKPOINT_DONE],
     ),
+    (SState.LOADING, Event.LOADED): (SState.RUNNING, []),
 }
 
 
@@ -143,26 +168,28 @@ class SecondaryCore:
         self.state = SState.RUNNING
         self.expected_size: int | None = None
 
-    def on_message(self, msg: Msg, size: int | None = None) -> list[Act]:
+    def on_event(self, event: Msg | Event, size: int | None = None) -> list[Act]:
         """`size`: the VMSTATE_SIZE value, or the VMSTATE_DATA length."""
-        if msg is Msg.HEARTBEAT:
+        if event is Msg.HEARTBEAT:
             return []
-        step = _SECONDARY.get((self.state, msg))
+        step = _SECONDARY.get((self.state, event))
         if step is None:
-            raise ProtocolError(f"unexpected {msg.name} while {self.state.value}")
-        if msg is Msg.VMSTATE_SIZE:
+            raise ProtocolError(f"unexpected {event.name} while {self.state.value}")
+        if event is Msg.VMSTATE_SIZE:
             self.expected_size = size
-        elif msg is Msg.VMSTATE_DATA and size != self.expected_size:
+        elif event is Msg.VMSTATE_DATA and size != self.expected_size:
             raise ProtocolError(f"VMSTATE_DATA of {size} bytes after VMSTATE_SIZE {self.expected_size}")
+        elif event is Event.LOADED:
+            self.expected_size = None
         self.state, acts = step
         return list(acts)
 
+    def on_message(self, msg: Msg, size: int | None = None) -> list[Act]:
+        return self.on_event(msg, size)
+
     def loaded(self) -> None:
         """The driver finished LOAD_STATE .. SEND_LOADED."""
-        if self.state is not SState.LOADING:
-            raise ProtocolError(f"load finished while {self.state.value}")
-        self.state = SState.RUNNING
-        self.expected_size = None
+        self.on_event(Event.LOADED)
 
 
 # ---- failover ----------------------------------------------------------------------------

@@ -1,43 +1,41 @@
 """Layer 4: the COLO secondary — runs the SVM and adopts every checkpoint.
 
-The secondary keeps a RAM cache: a full copy of the primary's RAM as of the
-last checkpoint.  A checkpoint is received whole into a buffer and verified
-(frame MAC, then every section CRC) before anything is touched; only then
-are its pages written into the cache, and every page dirtied by the PVM (in
-the checkpoint) or by the SVM (its own dirty log, VMM writes included) is
-copied from the cache into SVM RAM, and the vCPU/VM/device state loaded.  A
-checkpoint that is cut off or corrupt is discarded whole: the SVM keeps its
-own consistent state.
+A checkpoint is received whole into a buffer and verified (frame MAC, then
+every section CRC) before anything is touched; only then does the RAM
+cache (ram_cache.py) take its pages and give the SVM every page either
+side dirtied, and the vCPU/VM/device state is loaded, then the disks
+(colo_disk.py).  A checkpoint that is cut off or corrupt is discarded whole:
+the SVM keeps its own consistent state.  The SVM runs exactly when the PVM
+does: an operator's stop on the primary reaches it with the next checkpoint.
 
-Losing the primary (silence past the heartbeat timeout, a closed or broken
-connection, a frame that fails authentication) means failover: finish a
-load in progress, fence the primary if a fence command is set, take the
-network over (taps onto their bridges, the guest announced), resume the SVM
-and go on alone.
+Threads (each guarded): the receive loop (every message of the primary, in
+order) and the heartbeat sender.  Losing the primary (silence past the
+heartbeat timeout, a closed or broken connection, a frame that fails
+authentication) means failover: finish a load in progress, fence the
+primary if a fence command is set, take the disks and the network over
+(taps onto their bridges, the guest announced), let the SVM run and go on
+alone.  An internal error (a bug here) ends this side instead, exit 4: the
+primary, still running, goes on alone.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import socket
-import struct
 import threading
-import time
 
-from kvmcolo import dirty_log, sections, testhooks, vmstate
+from kvmcolo import colo_link, dirty_log, sections, testhooks, vmstate
 from kvmcolo.colo import Act, Failover, FState, Msg, ProtocolError, SecondaryCore, SState
+from kvmcolo.colo_disk import SecondaryDisks
 from kvmcolo.colo_net import SecondaryNetwork
-from kvmcolo.colo_session import (CheckpointRecord, ColoOptions, ColoStatus, Heartbeat, config_message,
-                                  config_mismatch, fence_peer, hang_up)  # fmt: skip
+from kvmcolo.colo_session import Checkpoint, ColoOptions, ColoStatus, Heartbeat, fence_peer, hang_up
 from kvmcolo.devices.virtio_net import parse_mac
-from kvmcolo.dirty_log import DirtyReader, merge_and_copy, scatter_pages
-from kvmcolo.disk_replication import PendingWrites, apply_writes, chunk_hashes, file_hash
+from kvmcolo.dirty_log import DirtyReader
 from kvmcolo.errors import UserError
-from kvmcolo.memory import GuestMemory
+from kvmcolo.ram_cache import RamCache
 from kvmcolo.threads import guarded
-from kvmcolo.wire import AuthenticationError, Channel, ChannelError, server_handshake
+from kvmcolo.wire import AuthenticationError, Channel, ChannelError
 
 log = logging.getLogger("kvmcolo.colo")
 
@@ -48,10 +46,7 @@ class ColoSecondary:
         """`disk_bases`: the real images; `overlays`: the OverlayMount each one
         is seen through by the SVM (same order as the machine's disks)."""
         self.machine = machine
-        self.disk_bases = list(disk_bases)
-        self.overlays = list(overlays)
-        self.pending = [PendingWrites(os.path.dirname(os.path.abspath(b))) for b in self.disk_bases]
-        self._loads = 0
+        self.disks = SecondaryDisks(disk_bases, overlays)
         self.listen_addr = listen
         self.key = key
         self.options = options
@@ -59,14 +54,14 @@ class ColoSecondary:
         self.core = SecondaryCore()
         self.failover_state = Failover()
         self.channel: Channel | None = None
-        self.cache = GuestMemory(machine.config.mem_size)
+        self.cache = RamCache(machine.config.mem_size)
         self.dirty: DirtyReader | None = None  # the SVM's own writes, through the machine's one dirty log
         self.host = vmstate.HostCaps.probe(machine.kvm, machine.vm.vcpus[0])
         self._heartbeat: Heartbeat | None = None
-        self._snap: vmstate.Snapshot | None = None
+        self._checkpoint: Checkpoint | None = None  # the one being received or loaded
         self._seq = 0
         self._ended = threading.Event()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the core's state as failover sees it, and the SVM hold
         self._holding = False  # the SVM is held for a checkpoint (under _lock)
         self.goodbye: dict | None = None
         self.network: SecondaryNetwork | None = None
@@ -82,48 +77,29 @@ class ColoSecondary:
 
     def wait_for_primary(self) -> None:
         """Accept primaries until one authenticates and brings a matching VM;
-        load its initial copy and start the SVM."""
+        sync the disks and load its initial copy."""
         log.info("secondary: waiting for the primary on %s:%d", *self.listen_addr)
-        while True:
-            sock, addr = self._server.accept()
-            peer = f"{addr[0]}:{addr[1]}"
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            try:
-                ch = server_handshake(sock, self.key, "secondary", peer, 10)
-            except ChannelError as e:
-                log.warning("refused %s: %s", peer, e)  # nothing it sent is used
-                sock.close()
-                continue
-            break
+        config = colo_link.config_message(self.machine, self.host.as_meta(), self.options)
+        ch, peer = colo_link.accept(self._server, self.key, config)
         self.channel = ch
-        self.status.peer = peer
-        mtype, payload = ch.recv()
-        if mtype != Msg.CONFIG:
-            raise UserError(f"the primary at {peer} sent {mtype} instead of its configuration")
-        ours = json.loads(config_message(self.machine, self.host.as_meta(), self.options))
-        problem = config_mismatch(ours, json.loads(bytes(payload)))
-        if problem:
-            ch.send(Msg.CONFIG_REFUSED, [problem.encode()])
-            ch.close()
-            raise UserError(f"refused the primary at {peer}: {problem}")
-        ch.send(Msg.CONFIG_OK)
+        self.status.set(peer=peer)
         ch.timeout = 120
         ch.sock.settimeout(120)
-        ch.send(Msg.DISK_HASHES, [json.dumps([chunk_hashes(b) for b in self.disk_bases]).encode()])
+        ch.send(Msg.DISK_HASHES, [self.disks.hashes_message()])
         while True:  # the initial disk sync: differing chunks, then the initial copy
             mtype, payload = ch.recv()
             if mtype == Msg.DISK_WRITE:
-                self._pending_write(payload)
+                self.disks.on_write(payload)
             elif mtype == Msg.INITIAL_STATE:
                 break
             else:
                 raise UserError(f"the primary sent {mtype} instead of the initial copy")
-        self._apply_disks()
+        self.disks.load()
         try:
             snap = vmstate.parse(payload)
         except sections.StateFormatError as e:
             raise UserError(f"the primary's initial copy is unusable: {e}")
-        vmstate.apply_ram(self.cache, snap)
+        self.cache.adopt_initial(snap)
         vmstate.apply_ram(self.machine.vm.memory, snap)
         vmstate.apply(self.machine, snap)
         self.dirty = dirty_log.of(self.machine).reader("colo")
@@ -132,8 +108,8 @@ class ColoSecondary:
         ch.sock.settimeout(self.options.heartbeat_timeout)
         self._setup_network()
         ch.send(Msg.VMSTATE_LOADED)
-        self.status.state = "colo"
-        log.info("initial copy from %s loaded (%d pages); COLO is running", peer, sum(r[3] for r in snap.ram))
+        self.status.set(state="colo")
+        log.info("initial copy from %s loaded (%d pages); COLO is running", peer, snap.pages)
 
     def _setup_network(self) -> None:
         """The SVM's NICs take mirrored input and send to the primary; the
@@ -144,7 +120,7 @@ class ColoSecondary:
         nets = self.machine.config.nets
         self.network = SecondaryNetwork(devices, self.machine.taps, [n.bridge for n in nets],
                                         [parse_mac(n.mac) for n in nets], self.channel.send,
-                                        lambda: self._loads, lambda: self.machine.paused,
+                                        lambda: self.disks.loads, lambda: self.machine.paused,
                                         self._internal_error)  # fmt: skip
         self.status.net_stats = self.network.stats
 
@@ -169,7 +145,7 @@ class ColoSecondary:
         if self._ended.is_set():
             return
         self._ended.set()
-        self.status.state = "failed"
+        self.status.set(state="failed", phase="idle")
         hang_up(self._heartbeat, self.channel)
         self.machine.vm.request_exit(4, f"internal error in {thread}: the secondary ends; the primary goes on alone")
 
@@ -187,7 +163,7 @@ class ColoSecondary:
                     self._end_with_primary()
                     return
                 if msg is Msg.DISK_WRITE:
-                    self._pending_write(payload)
+                    self.disks.on_write(payload)
                     continue
                 if msg is Msg.NET_INBOUND:
                     if self.network is not None:
@@ -217,39 +193,38 @@ class ColoSecondary:
 
     def _do(self, act: Act, payload) -> None:
         ch = self.channel
+        cp = self._checkpoint
         if act is Act.PAUSE_VM:
-            self._t_pause = time.perf_counter()
+            self._checkpoint = cp = Checkpoint(self._seq + 1, "checkpoint")
+            cp.mark("paused")
             self._hold_svm()
-            self.status.phase = "stopped"
+            self.status.set(phase="stopped")
         elif act is Act.SEND_REPLY:
             ch.send(Msg.CHECKPOINT_REPLY)
-            self.status.phase = "receiving"
+            self.status.set(phase="receiving")
         elif act is Act.VERIFY_STATE:
-            self._snap = vmstate.parse(payload)  # every CRC, before anything is applied
-            self._t_received = time.perf_counter()
+            cp.snap = vmstate.parse(payload)  # every CRC, before anything is applied
+            cp.size, cp.pages = len(payload), cp.snap.pages
+            cp.mark("received")
         elif act is Act.SEND_RECEIVED:
             ch.send(Msg.VMSTATE_RECEIVED)
-            self.status.phase = "loading"
+            self.status.set(phase="loading")
         elif act is Act.LOAD_STATE:
-            self._load(self._snap)
+            self._load(cp)
         elif act is Act.RESUME_VM:
             self._release_svm()
         elif act is Act.SEND_LOADED:
             try:
                 ch.send(Msg.VMSTATE_LOADED)
             finally:
-                self.core.loaded()
-                self.status.phase = "idle"
+                with self._lock:
+                    self.core.loaded()
+                self.status.set(phase="idle")
                 if self.failover_state.load_finished():
                     self._complete_failover()
         elif act is Act.CHECKPOINT_DONE:
-            now = time.perf_counter()
-            self.status.record(CheckpointRecord(
-                seq=self._seq, reason="checkpoint", pause_ms=(now - self._t_pause) * 1e3,
-                dirty_pages=sum(r[3] for r in self._snap.ram), bytes=len(payload),
-                transfer_ms=(self._t_received - self._t_pause) * 1e3, load_ms=(now - self._t_received) * 1e3,
-            ))  # fmt: skip
-            self._snap = None
+            self.status.record(cp.record("secondary"))
+            self._checkpoint = None
         else:
             raise ProtocolError(f"the secondary driver has no action {act}")
 
@@ -267,54 +242,20 @@ class ColoSecondary:
                 self._holding = False
                 self.machine.release("checkpoint")
 
-    def _load(self, snap: vmstate.Snapshot) -> None:
-        """Adopt a verified checkpoint: cache <- PVM pages; SVM <- cache for every
-        page either side dirtied; then vCPU, VM and device state."""
-        self._seq += 1
-        svm_dirty = self.dirty.collect()
-        cache = {r.slot: r for r in self.cache.regions}
-        for (slot, _size, pages, count, data), dirty in zip(snap.ram, svm_dirty):
-            if count:
-                scatter_pages(cache[slot], pages, count, data)
-            merge_and_copy(dirty, pages, count, dirty.region, cache[slot].host_addr)
-        self._apply_disks()
-        vmstate.apply(self.machine, snap)
+    def _load(self, cp: Checkpoint) -> None:
+        """Adopt a verified checkpoint: RAM through the cache, then vCPU, VM
+        and device state, then the disks."""
+        self._seq = cp.seq
+        self.cache.load(cp.snap, self.dirty.collect())
+        self.disks.load()
+        vmstate.apply(self.machine, cp.snap)
         # The SVM runs exactly when the PVM does: an operator's stop on the
         # primary holds it here too, from this checkpoint until one without.
-        self.machine.run_state.set_operator(bool(snap.meta.get("operator_stopped")))
+        self.machine.run_state.set_operator(bool(cp.snap.meta.get("operator_stopped")))
         if self.network is not None:
-            self.network.checkpoint_loaded(self._loads)
-        if self.options.verify_every and self._seq % self.options.verify_every == 0:
-            hashes = vmstate.state_hashes(self.machine, self.host)
-            for i, base in enumerate(self.disk_bases):
-                hashes[f"disk.{i}"] = file_hash(base)
-            self.status.hashes[self._seq] = hashes
-            while len(self.status.hashes) > 20:
-                self.status.hashes.pop(min(self.status.hashes))
-
-    # ---- disks -------------------------------------------------------------------------
-
-    _DISK_WRITE = struct.Struct("<HQQ")  # disk, epoch, offset
-
-    def _pending_write(self, payload) -> None:
-        index, epoch, offset = self._DISK_WRITE.unpack_from(payload)
-        if index >= len(self.pending):
-            raise ProtocolError(f"write to disk {index}, but there are {len(self.pending)}")
-        self.pending[index].add(offset, bytes(payload[self._DISK_WRITE.size :]), epoch)
-
-    def _apply_disks(self) -> None:
-        """At a load (SVM paused): the primary's writes made before that
-        state's capture into the base images (journaled), then the SVM's own
-        writes thrown away."""
-        self._loads += 1  # the initial copy is load 1: it takes the epoch-0 (initial sync) writes
-        crash = (lambda: testhooks.hit("crash:disk-apply")) if testhooks.armed("crash:disk-apply") else None
-        for base, pending in zip(self.disk_bases, self.pending):
-            batch = pending.before(self._loads)
-            if batch:
-                apply_writes(base, batch, crash_hook=crash)
-                pending.drop_before(self._loads)
-        for overlay in self.overlays:
-            overlay.drop()
+            self.network.checkpoint_loaded(self.disks.loads)
+        if self.options.verify_every and cp.seq % self.options.verify_every == 0:
+            self.status.keep_hashes(cp.seq, {**vmstate.state_hashes(self.machine, self.host), **self.disks.hashes()})
 
     # ---- failover and the end ------------------------------------------------------------
 
@@ -332,15 +273,10 @@ class ColoSecondary:
         hang_up(self._heartbeat, self.channel)
         if not fence_peer(self.options.fence_command, "secondary", self.status.peer, self.failover_state.reason,
                           self.options.fence_timeout):  # fmt: skip
-            self.status.state = "fenced-out"
+            self.status.set(state="fenced-out")
             self.machine.vm.request_exit(3, "could not fence the primary: the secondary does not take over")
             return
-        # The SVM's own disk writes match its own state: they become the disk.
-        # The primary's writes since the last checkpoint are dropped with it.
-        for pending in self.pending:
-            pending.clear()
-        for overlay in self.overlays:
-            overlay.commit()
+        self.disks.take_over()
         if self.network is not None:
             self.network.take_over()
         # Stopped for a checkpoint that never completed: the SVM's own state is
@@ -348,8 +284,7 @@ class ColoSecondary:
         # (unless the primary's operator had it stopped: then it stays so).
         self._release_svm()
         self.failover_state.complete()
-        self.status.state = "active"
-        self.status.phase = "idle"
+        self.status.set(state="active", phase="idle")
         self.status.failover("primary lost; the secondary took over", self.failover_state.reason)
 
     def _end_with_primary(self) -> None:
@@ -365,5 +300,4 @@ class ColoSecondary:
         hang_up(self._heartbeat, self.channel)
         self._server.close()
         self.cache.close()
-        for pending in self.pending:
-            pending.clear()
+        self.disks.close()

@@ -1,11 +1,10 @@
 """Layer 4: what the COLO primary and secondary drivers share — options,
-the configuration check at connect time, heartbeats, statistics, failover
+the checkpoint in flight, heartbeats, fencing, statistics, failover
 history."""
 
 from __future__ import annotations
 
 import collections
-import json
 import logging
 import os
 import subprocess
@@ -36,7 +35,6 @@ class ColoOptions:
     heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT
     resume_early: bool = True
     verify_every: int = 0  # debug: hash the whole state every Nth checkpoint on both sides
-    debug_stall_ms: int = 0  # debug: the primary pauses this long halfway through each transfer
     compare_timeout: float = 0.5  # seconds a primary frame may wait for its secondary twin (netcompare)
     max_queue: int = 1024  # held primary frames per connection before a checkpoint is forced
     fence_command: str | None = None  # run when the peer is lost; exit 0 = peer fenced, go on
@@ -55,6 +53,40 @@ class CheckpointRecord:
     time: float = field(default_factory=time.time)
 
 
+@dataclass
+class Checkpoint:
+    """One checkpoint in flight: everything a driver knows of it, in one
+    typed object (instead of loose driver attributes)."""
+
+    seq: int
+    reason: str
+    parts: list = field(default_factory=list)  # primary: the encoded sections, ready to send
+    size: int = 0  # bytes on the wire
+    pages: int = 0  # dirty pages it carries
+    snap: object = None  # secondary: the verified vmstate.Snapshot
+    times: dict[str, float] = field(default_factory=dict)  # perf_counter() at start, paused, resumed, sent, received
+
+    def mark(self, moment: str) -> None:
+        self.times[moment] = time.perf_counter()
+
+    def _ms(self, a: str, b: str) -> float:
+        t = self.times
+        return (t.get(b, t["done"]) - t[a]) * 1e3
+
+    def record(self, role: str) -> CheckpointRecord:
+        """The finished checkpoint's statistics.  Primary: the guest's pause
+        is paused..resumed, the transfer sent..received; secondary: the SVM
+        is stopped from the request to the end, the transfer is the wait for
+        the whole state."""
+        self.mark("done")
+        if role == "primary":
+            pause, transfer = self._ms("paused", "resumed"), self._ms("sent", "received")
+        else:
+            pause, transfer = self._ms("paused", "done"), self._ms("paused", "received")
+        return CheckpointRecord(seq=self.seq, reason=self.reason, pause_ms=pause, dirty_pages=self.pages,
+                                bytes=self.size, transfer_ms=transfer, load_ms=self._ms("received", "done"))  # fmt: skip
+
+
 class ColoStatus:
     """Counters and history for `kvmcolo status` (thread-safe snapshots)."""
 
@@ -71,6 +103,21 @@ class ColoStatus:
         self.net_stats = None  # () -> dict of the network side's counters, once it runs
         self.internal_errors: list[str] = []  # unexpected exceptions that ended protection
         self._lock = threading.Lock()
+
+    def set(self, **fields) -> None:
+        """Change state/phase/peer (the only way drivers change them)."""
+        with self._lock:
+            for name, value in fields.items():
+                if name not in ("state", "phase", "peer"):
+                    raise AttributeError(f"ColoStatus has no settable {name!r}")
+                setattr(self, name, value)
+
+    def keep_hashes(self, seq: int, hashes: dict) -> None:
+        """Debug (--verify-every): the state hashes at checkpoint `seq`."""
+        with self._lock:
+            self.hashes[seq] = hashes
+            while len(self.hashes) > 20:
+                self.hashes.pop(min(self.hashes))
 
     def protected(self) -> bool:
         """Replication is really happening (never claimed otherwise)."""
@@ -172,40 +219,3 @@ def fence_peer(command: str | None, role: str, peer: str | None, reason: str, ti
         return False
     log.warning("the fence command confirmed the peer is fenced")
     return True
-
-
-def config_message(machine, host_meta: dict, options: ColoOptions) -> bytes:
-    return json.dumps({"machine": comparable_shape(machine.shape()), "host": host_meta,
-                       "checkpoint_delay": options.checkpoint_delay}).encode()  # fmt: skip
-
-
-def comparable_shape(shape: dict) -> dict:
-    """The parts of a machine's shape both sides must agree on (not paths or
-    tap names, which differ between hosts)."""
-    return {
-        "mem_size": shape["mem_size"],
-        "cpus": shape["cpus"],
-        "disks": [{"size": d["size"], "readonly": d["readonly"]} for d in shape["disks"]],
-        "nets": [{"mac": n["mac"]} for n in shape["nets"]],
-    }
-
-
-def config_mismatch(ours: dict, theirs: dict) -> str | None:
-    """A human-readable difference between two config messages, or None."""
-    a, b = ours["machine"], theirs["machine"]
-    for key, what in (("mem_size", "RAM"), ("cpus", "vCPUs")):
-        if a[key] != b[key]:
-            return f"{what} differ: primary {b[key]}, secondary {a[key]}"
-    if len(a["disks"]) != len(b["disks"]) or a["disks"] != b["disks"]:
-        return f"disks differ: primary {b['disks']}, secondary {a['disks']}"
-    if a["nets"] != b["nets"]:
-        return f"network devices differ: primary {b['nets']}, secondary {a['nets']}"
-    from kvmcolo.vmstate import HostCaps
-
-    mine, other = HostCaps.feature_bits(ours["host"]["cpuid"]), HostCaps.feature_bits(theirs["host"]["cpuid"])
-    for leaf, regs in other.items():
-        if mine.get(leaf) != regs:
-            return f"CPU features (CPUID leaf {leaf}) differ between the hosts"
-    if theirs["host"]["xsave_size"] != ours["host"]["xsave_size"]:
-        return "XSAVE layouts differ between the hosts"
-    return None

@@ -4,7 +4,9 @@ production path on purpose.
 `KVMCOLO_TEST_HOOKS` holds comma-separated `point[:n]` items; the n-th time
 (default 1st) the code passes `hit(point)`, the fault happens:
 - `crash:<point>`   the process exits at once with status 70 (a power cut);
-- any other point   InjectedFault is raised there (a bug in that thread).
+- any other point   InjectedFault is raised there (a bug in that thread);
+- a value point     read with value(): `stall-transfer-ms:600` makes the
+  primary stall 600 ms halfway through each checkpoint transfer.
 
 Unset (as in production), `hit()` is one dictionary look-up.  Points in use:
 `colo-checkpoints`, `colo-recv`, `heartbeat`, `colo-net-tick` (primary and
@@ -36,6 +38,11 @@ _lock = threading.Lock()
 
 def armed(point: str) -> bool:
     return point in _armed
+
+
+def value(point: str, default: int = 0) -> int:
+    """A number a test set for `point` (`point:n`), e.g. `stall-transfer-ms:600`."""
+    return _armed.get(point, default)
 
 
 def hit(point: str) -> None:

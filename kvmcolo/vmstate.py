@@ -25,6 +25,7 @@ import struct
 import time
 import uuid
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from kvmcolo import sections, xsave
 from kvmcolo.dirty_log import DirtyReader, RegionDirty
@@ -161,8 +162,18 @@ def ram_section(dirty: list[RegionDirty], buffer: bytearray | None = None) -> se
     return sections.Section(b"RAM ", 1, memoryview(buf)[:need])
 
 
-def parse_ram(payload) -> list[tuple[int, int, object, memoryview]]:
-    """[(slot, region size, page numbers (uint32 array), page data)], validated."""
+class RamPart(NamedTuple):
+    """One memory region's pages in a RAM section."""
+
+    slot: int
+    size: int  # of the region
+    pages: object  # cffi uint32_t[] page numbers
+    count: int
+    data: memoryview  # count pages, in page-number order
+
+
+def parse_ram(payload) -> list[RamPart]:
+    """The RAM section's parts, validated."""
     view = memoryview(payload)
     if len(view) < _RAM_HEADER.size:
         raise sections.StateFormatError("truncated RAM section")
@@ -186,7 +197,7 @@ def parse_ram(payload) -> list[tuple[int, int, object, memoryview]]:
     for slot, size, pages, count in lists:
         if at + count * PAGE_SIZE > len(view):
             raise sections.StateFormatError("truncated RAM pages")
-        out.append((slot, size, pages, count, view[at : at + count * PAGE_SIZE]))
+        out.append(RamPart(slot, size, pages, count, view[at : at + count * PAGE_SIZE]))
         at += count * PAGE_SIZE
     return out
 
@@ -289,7 +300,11 @@ class Snapshot:
     vm: dict[str, bytes]
     vcpus: list[dict[str, bytes]]
     devices: dict
-    ram: list  # parse_ram() output
+    ram: list[RamPart]
+
+    @property
+    def pages(self) -> int:
+        return sum(part.count for part in self.ram)
 
 
 def parse(data) -> Snapshot:

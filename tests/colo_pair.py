@@ -17,7 +17,7 @@ PORT = 7777
 
 class ColoPair:
     def __init__(self, tmp_path, vm_args: list[str], guest_args: list[str] = (), primary_args: list[str] = (),
-                 secondary_args: list[str] = (), start: bool = True):  # fmt: skip
+                 secondary_args: list[str] = (), start: bool = True, primary_env: dict | None = None):  # fmt: skip
         self.tmp = tmp_path
         self.key = tmp_path / "colo.key"
         self.key.write_bytes(os.urandom(24).hex().encode())
@@ -33,7 +33,7 @@ class ColoPair:
             self.b.ip("link", "set", "repB", "up")
             if start:
                 self.start_secondary(vm_args, secondary_args)
-                self.start_primary(vm_args, guest_args, primary_args)
+                self.start_primary(vm_args, guest_args, primary_args, env=primary_env)
         except BaseException:
             self.close()
             raise

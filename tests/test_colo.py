@@ -62,8 +62,8 @@ def check_survivor(pair: ColoPair, side: str, proc, mark: int) -> None:
 @pytest.mark.parametrize("when", ["between", "mid-transfer"])
 @pytest.mark.parametrize("how", ["sigkill", "link-cut"])
 def test_failover_matrix(images, tmp_path, victim, when, how):
-    extra = ["--debug-stall-ms", "600"] if when == "mid-transfer" else []
-    pair = ColoPair(tmp_path, VM, DIRTY, primary_args=extra)
+    stall = {"KVMCOLO_TEST_HOOKS": "stall-transfer-ms:600"} if when == "mid-transfer" else None
+    pair = ColoPair(tmp_path, VM, DIRTY, primary_env=stall)
     try:
         mark = progress_mark(pair)
         pair.wait_phase("a", "sending-stalled" if when == "mid-transfer" else "idle")

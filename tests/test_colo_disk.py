@@ -40,17 +40,11 @@ def vm(img, overlay_dir=None):
     return ["--image", "disk", "--mem", "64M", "--disk", str(img)] + (["--overlay-dir", str(overlay_dir)] if overlay_dir else [])
 
 
-def start(tmp_path, a, b, primary_args=(), secondary_args=(), env_b=None, wait: bool = True):
+def start(tmp_path, a, b, primary_args=(), secondary_args=(), env_a=None, env_b=None, wait: bool = True):
     pair = ColoPair(tmp_path, [], start=False)
     try:
-        if env_b:
-            os.environ.update(env_b)
-        try:
-            pair.start_secondary(vm(b, tmp_path / "ovl"), secondary_args)
-        finally:
-            for k in env_b or {}:
-                os.environ.pop(k)
-        pair.start_primary(vm(a), DISK_GUEST, primary_args, wait=wait)
+        pair.start_secondary(vm(b, tmp_path / "ovl"), secondary_args, env=env_b)
+        pair.start_primary(vm(a), DISK_GUEST, primary_args, wait=wait, env=env_a)
     except BaseException:
         pair.close()
         raise
@@ -129,8 +123,8 @@ def test_secondary_writes_never_reach_the_base_between_checkpoints(fuse, tmp_pat
 @pytest.mark.parametrize("when", ["between", "mid-transfer"])
 def test_failover_keeps_every_acknowledged_record(fuse, tmp_path, when):
     a, b = images_pair(tmp_path)
-    extra = ["--debug-stall-ms", "600"] if when == "mid-transfer" else []
-    pair = start(tmp_path, a, b, extra)
+    stall = {"KVMCOLO_TEST_HOOKS": "stall-transfer-ms:600"} if when == "mid-transfer" else None
+    pair = start(tmp_path, a, b, env_a=stall)
     try:
         pair.wait_checkpoints(tmp_path / "a.sock", 5)
         pair.wait_phase("a", "sending-stalled" if when == "mid-transfer" else "idle")

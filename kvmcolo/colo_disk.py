@@ -1,0 +1,124 @@
+"""Layer 4: the disk side of COLO — the drivers around disk_replication.
+
+Primary (`PrimaryDisks`): the initial sync (only the MiB chunks whose
+hashes differ from the secondary's), then every guest write forwarded in
+order on the channel, tagged with the primary's epoch (checkpoints captured
+so far).  The write observer runs on the I/O thread, which a checkpoint's
+hold parks before capture, so each write is ordered against the captures.
+
+Secondary (`SecondaryDisks`): forwarded writes kept pending per disk; at
+each load the writes that load's capture saw are applied to the base
+images (journaled), and the SVM's own writes (in the overlays) dropped; at
+failover the pending writes are dropped and the overlays committed.
+
+The DISK_WRITE record is defined here once: u16 disk, u64 epoch, u64
+offset, then the data.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+
+from kvmcolo import testhooks
+from kvmcolo.colo import Msg, ProtocolError
+from kvmcolo.disk_replication import HASH_CHUNK, PendingWrites, apply_writes, chunk_hashes, file_hash
+from kvmcolo.errors import UserError
+from kvmcolo.wire import ChannelError
+
+log = logging.getLogger("kvmcolo.colo")
+
+DISK_WRITE = struct.Struct("<HQQ")  # disk, epoch (captures so far on the primary), offset
+
+
+class PrimaryDisks:
+    def __init__(self, machine, channel, epoch, on_lost):
+        """`epoch()`: captures so far; `on_lost(reason)`: the channel failed."""
+        self.machine = machine
+        self.channel = channel
+        self._epoch = epoch
+        self._on_lost = on_lost
+        self.lost = False
+
+    def sync(self) -> None:
+        """Initial sync, then forward every guest write from now on."""
+        mtype, payload = self.channel.recv()
+        if mtype != Msg.DISK_HASHES:
+            raise UserError(f"the secondary answered {mtype} instead of its disk hashes")
+        theirs = json.loads(bytes(payload))
+        for index, (image, remote) in enumerate(zip(self.machine.disk_images, theirs)):
+            local = chunk_hashes(image.path)
+            differ = [i for i, (a, b) in enumerate(zip(local, remote)) if a != b]
+            log.info("disk %d: %d of %d MiB differ on the secondary", index, len(differ), len(local))
+            with open(image.path, "rb") as f:
+                for n, chunk in enumerate(differ, 1):
+                    data = os.pread(f.fileno(), HASH_CHUNK, chunk * HASH_CHUNK)
+                    self.channel.send(Msg.DISK_WRITE, [DISK_WRITE.pack(index, 0, chunk * HASH_CHUNK), data])
+                    if n % 64 == 0 or n == len(differ):
+                        log.info("disk %d: initial sync %d of %d MiB sent", index, n, len(differ))
+        for index, device in enumerate(self.machine.block_devices()):
+            device.write_observers.append(lambda offset, views, index=index: self._forward(index, offset, views))
+
+    def _forward(self, index: int, offset: int, views) -> None:
+        if self.lost:
+            return
+        try:
+            self.channel.send(Msg.DISK_WRITE, [DISK_WRITE.pack(index, self._epoch(), offset), *views])
+        except ChannelError as e:
+            self._on_lost(str(e))
+
+    def hashes(self) -> dict[str, str]:
+        return {f"disk.{i}": file_hash(image.path) for i, image in enumerate(self.machine.disk_images)}
+
+
+class SecondaryDisks:
+    def __init__(self, bases: list[str], overlays: list):
+        """`bases`: the real images; `overlays`: the OverlayMount each one is
+        seen through by the SVM (same order)."""
+        self.bases = list(bases)
+        self.overlays = list(overlays)
+        self.pending = [PendingWrites(os.path.dirname(os.path.abspath(b))) for b in self.bases]
+        self.loads = 0  # loads so far (the initial copy is load 1)
+
+    def hashes_message(self) -> bytes:
+        return json.dumps([chunk_hashes(b) for b in self.bases]).encode()
+
+    def on_write(self, payload) -> None:
+        """A DISK_WRITE record from the primary."""
+        if len(payload) < DISK_WRITE.size:
+            raise ProtocolError(f"a disk write record of {len(payload)} bytes")
+        index, epoch, offset = DISK_WRITE.unpack_from(payload)
+        if index >= len(self.pending):
+            raise ProtocolError(f"write to disk {index}, but there are {len(self.pending)}")
+        self.pending[index].add(offset, bytes(payload[DISK_WRITE.size :]), epoch)
+
+    def load(self) -> None:
+        """At a load (SVM held): the primary's writes made before that state's
+        capture into the base images (journaled), then the SVM's own writes
+        thrown away."""
+        self.loads += 1  # the initial copy is load 1: it takes the epoch-0 (initial sync) writes
+        crash = (lambda: testhooks.hit("crash:disk-apply")) if testhooks.armed("crash:disk-apply") else None
+        for base, pending in zip(self.bases, self.pending):
+            batch = pending.before(self.loads)
+            if batch:
+                apply_writes(base, batch, crash_hook=crash)
+                pending.drop_before(self.loads)
+        for overlay in self.overlays:
+            overlay.drop()
+
+    def take_over(self) -> None:
+        """Failover: the SVM's own writes match its own state, so they become
+        the disk; the primary's writes since the last checkpoint go with it."""
+        for pending in self.pending:
+            pending.clear()
+        for overlay in self.overlays:
+            overlay.commit()
+
+    def hashes(self) -> dict[str, str]:
+        return {f"disk.{i}": file_hash(base) for i, base in enumerate(self.bases)}
+
+    def close(self) -> None:
+        for pending in self.pending:
+            pending.clear()

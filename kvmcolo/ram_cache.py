@@ -1,0 +1,47 @@
+"""Layer 4: the COLO secondary's RAM cache — one owner for it.
+
+The cache is a full copy of the primary's RAM as of the last checkpoint
+the secondary adopted.  A checkpoint carries only the pages the PVM dirtied
+since the one before; they go into the cache, and then every page dirtied
+by the PVM *or by the SVM* since that checkpoint is copied from the cache
+into the SVM's RAM (pages only the SVM wrote must go back to the PVM's
+contents too).  The copies are whole-page C loops (dirty_log's helpers).
+"""
+
+from __future__ import annotations
+
+from kvmcolo import vmstate
+from kvmcolo.dirty_log import RegionDirty, merge_and_copy, scatter_pages
+from kvmcolo.memory import GuestMemory
+
+
+class RamCache:
+    def __init__(self, mem_size: int):
+        self.memory = GuestMemory(mem_size)
+        self._regions = {r.slot: r for r in self.memory.regions}
+
+    def adopt_initial(self, snap: vmstate.Snapshot) -> None:
+        """The initial full copy."""
+        vmstate.apply_ram(self.memory, snap)
+
+    def load(self, snap: vmstate.Snapshot, svm_dirty: list[RegionDirty]) -> int:
+        """Checkpoint `snap` into the cache, then the cache into the SVM for
+        every page either side dirtied (`svm_dirty`: the SVM's own, from its
+        dirty-log reader; its regions are the SVM's RAM).  Returns pages copied
+        into the SVM."""
+        if len(snap.ram) != len(svm_dirty):
+            raise vmstate.IncompatibleState(f"{len(snap.ram)} memory regions in the checkpoint, {len(svm_dirty)} here")
+        for part, dirty in zip(snap.ram, svm_dirty):  # all checked before anything is written
+            region = self._regions.get(part.slot)
+            if region is None or region.size != part.size or dirty.region.slot != part.slot:
+                raise vmstate.IncompatibleState(f"memory slot {part.slot} does not match this machine")
+        copied = 0
+        for part, dirty in zip(snap.ram, svm_dirty):
+            region = self._regions[part.slot]
+            if part.count:
+                scatter_pages(region, part.pages, part.count, part.data)
+            copied += merge_and_copy(dirty, part.pages, part.count, dirty.region, region.host_addr)
+        return copied
+
+    def close(self) -> None:
+        self.memory.close()
