@@ -58,6 +58,20 @@ def images(kvm_device) -> Path:
 ConsoleSink = ConsoleBuffer  # the tests' name for it
 
 
+def wait_until(condition, what: str, timeout: float = 20, poll: float = 0.02):
+    """Poll `condition()` until it returns something true (returned), or fail
+    saying what did not happen: tests wait on conditions, never on time."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"{what}: not within {timeout} s")
+
+
 @pytest.fixture
 def console():
     return ConsoleSink()

@@ -10,6 +10,7 @@ import time
 import pytest
 
 from colo_pair import ADDR_B, PORT, ColoPair, passes
+from conftest import wait_until
 
 VM = ["--image", "dirty", "--mem", "64M"]
 DIRTY = ["pages=500", "report=500"]
@@ -149,8 +150,7 @@ def test_peer_without_the_key_is_refused(images, tmp_path):
         intruder = pair.start_primary(VM, DIRTY, key=wrong, wait=False)
         assert intruder.proc.wait(30) == 2
         assert any("does not know the shared key" in line for line in intruder.stderr_lines)
-        time.sleep(0.3)
-        assert any("refused" in line for line in pair.secondary.stderr_lines)
+        wait_until(lambda: any("refused" in line for line in pair.secondary.stderr_lines), "the refusal logged")
         assert pair.secondary.proc.poll() is None  # still waiting, nothing applied
         pair.start_primary(VM, DIRTY)  # the real primary still gets in
         pair.wait_checkpoints(tmp_path / "a.sock", 3)
@@ -180,8 +180,8 @@ def test_manual_failover_and_status(images, tmp_path):
         status = kvmcolo_cmd("status", "--control", str(tmp_path / "a.sock"))
         assert "COLO primary: colo" in status.stdout and "pause ms" in status.stdout
         assert kvmcolo_cmd("checkpoint", "--control", str(tmp_path / "a.sock")).returncode == 0
-        time.sleep(0.3)
-        assert pair.colo("a")["reasons"].get("requested on the control socket", 0) >= 1
+        wait_until(lambda: pair.colo("a")["reasons"].get("requested on the control socket", 0) >= 1,
+                   "the requested checkpoint")  # fmt: skip
         assert kvmcolo_cmd("failover", "--control", str(tmp_path / "b.sock")).returncode == 0
         check_survivor(pair, "b", pair.secondary, 0)
         pair.wait_failover("a")  # the primary sees the secondary go and carries on too

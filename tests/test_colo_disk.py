@@ -12,7 +12,7 @@ import time
 import pytest
 
 from colo_pair import ColoPair
-from conftest import require_device
+from conftest import require_device, wait_until
 from disk_records import read_records
 from kvmcolo.disk_replication import file_hash, journal_path
 
@@ -109,11 +109,10 @@ def test_secondary_writes_never_reach_the_base_between_checkpoints(fuse, tmp_pat
     a, b = images_pair(tmp_path, differ=False)
     pair = start(tmp_path, a, b, ["--checkpoint-delay", "4000"])
     try:
-        time.sleep(0.5)
+        wait_until(lambda: wrote(pair.secondary.lines), "the SVM writing records")
         c0 = pair.colo("a")["checkpoints"]
         before, w0 = file_hash(str(b)), wrote(pair.secondary.lines)
-        time.sleep(1.5)
-        assert wrote(pair.secondary.lines) > w0  # the SVM did write records...
+        wait_until(lambda: wrote(pair.secondary.lines) > w0 + 10, "the SVM writing more records")  # ...it did
         assert pair.colo("a")["checkpoints"] == c0  # (no checkpoint in this window: the delay is 4 s)
         assert file_hash(str(b)) == before  # ...but only into its overlay
     finally:
@@ -132,7 +131,8 @@ def test_failover_keeps_every_acknowledged_record(fuse, tmp_path, when):
         pair.wait_failover("b")
         start_lines = len(pair.secondary.lines)
         pair.secondary.wait_line(r"disk: wrote=\d+", start=start_lines, timeout=20)
-        time.sleep(1.0)
+        first = wrote(pair.secondary.lines)
+        wait_until(lambda: wrote(pair.secondary.lines) > first + 10, "the survivor writing on")
         acknowledged = wrote(pair.secondary.lines)
         assert not any("CORRUPT" in line or "GAP" in line or "FAIL" in line for line in pair.secondary.lines)
         from kvmcolo import control

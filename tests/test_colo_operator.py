@@ -5,12 +5,10 @@ survivor of a later failover keeps its invariants."""
 
 from __future__ import annotations
 
-import threading
-import time
-
 import pytest
 
 from colo_pair import ColoPair, passes
+from conftest import wait_until
 from kvmcolo.errors import UserError
 from test_colo import assert_same_state, check_survivor, progress_mark
 
@@ -23,16 +21,6 @@ FAST = ["--checkpoint-delay", "100", *VERIFY]
 def pair_of(tmp_path, **kw) -> ColoPair:
     return ColoPair(tmp_path, VM, DIRTY, primary_args=kw.pop("primary_args", FAST),
                     secondary_args=kw.pop("secondary_args", VERIFY), **kw)  # fmt: skip
-
-
-def wait_until(cond, what: str, timeout: float = 20):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"{what} within {timeout} s")
 
 
 def checkpoints(pair: ColoPair) -> int:
