@@ -10,6 +10,10 @@
  *   http=P       HTTP/1.0 port (80)
  *   diverge=N    0 = off; N > 0: counter replies whose value n is a
  *                multiple of N carry a random suffix (below) (0)
+ *   log=1        journal every counter value to the first virtio-blk disk
+ *                before replying: sector n % capacity holds
+ *                "netsrv counter=<n>\n" (zero-padded to 512 bytes), so what
+ *                a client was told is on the disk (0)
  * A port of 0 disables that service.  Also answers ARP and ICMP echo.
  *
  * Counter: one global 64-bit counter (netsrv_state.counter), incremented
@@ -30,8 +34,27 @@
  */
 #include "guest.h"
 #include "tcp.h"
+#include "virtio_blk.h"
 
-GUEST_PARAMS("ip", "mask", "echo", "udp", "counter", "http", "diverge");
+GUEST_PARAMS("ip", "mask", "echo", "udp", "counter", "http", "diverge", "log");
+
+static struct vblk log_disk;
+static int log_on;
+static char *log_sector;                /* DMA buffer: one sector */
+
+static void log_value(u64 n)
+{
+        if (!log_on)
+                return;
+        for (int i = 0; i < 512; i++)
+                log_sector[i] = 0;
+        snprintf(log_sector, 512, "netsrv counter=%llu\n", n);
+        int st = vblk_write(&log_disk, n % log_disk.capacity, log_sector, 512);
+        if (st != VIRTIO_BLK_S_OK) {
+                printf("netsrv: FAIL log write of %llu: status %d\n", n, st);
+                guest_exit(EXIT_FAIL);
+        }
+}
 
 /* For a VMM that wants to look (ELF symbol `netsrv_state`). */
 struct netsrv_state {
@@ -51,6 +74,7 @@ static struct vnet nic;
 static u32 counter_reply(char *buf)
 {
         u64 n = ++netsrv_state.counter;
+        log_value(n);
         int len = snprintf(buf, 24, "%llu", n);
         if (diverge && n % diverge == 0)
                 len += snprintf(buf + len, 24, " %016llx", random_u64());
@@ -268,6 +292,17 @@ int main(void)
         }
         if (vnet_open(&nic, info, "netsrv"))
                 return EXIT_FAIL;
+        if (arg_u64("log", 0)) {
+                const struct virtio_mmio_info *disk = virtio_find(VIRTIO_ID_BLK, 0);
+                if (!disk) {
+                        puts("netsrv: log=1 needs a virtio-blk device");
+                        return EXIT_BADARGS;
+                }
+                if (vblk_open(&log_disk, disk, "netsrv"))
+                        return EXIT_FAIL;
+                log_sector = ram_alloc(512);
+                log_on = 1;
+        }
         net_init(&nic, ip, (u32)mask);
         if (port_echo)
                 tcp_listen(port_echo, echo_event);

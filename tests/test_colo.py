@@ -25,10 +25,14 @@ def assert_same_state(pair: ColoPair, at_least: int) -> None:
         assert not differing, f"checkpoint {seq}: SVM differs from PVM in {differing}"
 
 
-@pytest.mark.parametrize("image,cpus,args", [("dirty", "1", DIRTY), ("smp", "2", ["rounds=1000000000", "interval=200"])])
-def test_lockstep_for_50_checkpoints(images, tmp_path, image, cpus, args):
+@pytest.mark.parametrize("image,cpus,args,early", [
+    ("dirty", "1", DIRTY, []),
+    ("dirty", "1", DIRTY, ["--no-resume-early"]),  # the PVM stays stopped until the SVM has loaded
+    ("smp", "2", ["rounds=1000000000", "interval=200"], []),
+], ids=["dirty", "dirty-no-resume-early", "smp"])  # fmt: skip
+def test_lockstep_for_50_checkpoints(images, tmp_path, image, cpus, args, early):
     vm = ["--image", image, "--mem", "64M", "--cpus", cpus]
-    pair = ColoPair(tmp_path, vm, args, primary_args=["--checkpoint-delay", "100", "--verify-every", "5"],
+    pair = ColoPair(tmp_path, vm, args, primary_args=["--checkpoint-delay", "100", "--verify-every", "5", *early],
                     secondary_args=["--verify-every", "5"])  # fmt: skip
     try:
         pair.wait_checkpoints(tmp_path / "a.sock", 52, timeout=120)

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from conftest import kvmcolo_cmd
+from conftest import kvmcolo_cmd, require_device
 from kvmcolo import control, lab
 from kvmcolo.errors import UserError
 from vmm_process import GuestProcess
@@ -193,6 +193,7 @@ def run_through_failover(pair: LabPair, kill, survivor: str, after_s: float = 4.
         gap, _ = c.longest_gap()
     info = pair.colo(survivor)
     info["longest_gap_s"] = gap
+    info["values"] = c.values()
     return info
 
 
@@ -204,6 +205,37 @@ def test_failover_primary_killed_mid_stream(pair_factory, notify):
     info = run_through_failover(pair, lambda: pair.kill("a"), "b")
     assert info["state"] == "active"
     assert info["net"]["active"] and info["net"]["nics"][0]["guest_ip"] == lab.GUEST_ADDR
+
+
+LOG_SECTORS = 2048  # a 1 MiB disk: netsrv's log=1 keeps counter n in sector n % 2048
+
+
+@pytest.mark.parametrize("resume_early", [True, False], ids=["resume-early", "no-resume-early"])
+def test_disk_and_nic_together_every_reply_is_on_the_survivors_disk(pair_factory, tmp_path, resume_early):
+    """netsrv journals each counter value to its disk before replying; under
+    COLO with a disk and a NIC, the primary is killed mid-session: the client
+    sees no gap, and every value it was told is on the survivor's disk."""
+    require_device("/dev/fuse", "FUSE")
+    images = {}
+    for side in "ab":
+        images[side] = tmp_path / f"{side}.img"
+        images[side].write_bytes(bytes(LOG_SECTORS * 512))
+    early = [] if resume_early else ["--no-resume-early"]
+    pair = pair_factory(guest_args=["log=1"], primary=["--disk", str(images["a"]), *early],
+                        secondary=["--disk", str(images["b"]), "--overlay-dir", str(tmp_path / "ovl")])  # fmt: skip
+    info = run_through_failover(pair, lambda: pair.kill("a"), "b")
+    assert info["state"] == "active"
+    values = info["values"]
+    control.call(pair.sock("b"), "quit")
+    assert pair.b.proc.wait(20) == 0
+    disk = images["b"].read_bytes()
+    for v in values[-LOG_SECTORS:]:
+        sector = disk[(v % LOG_SECTORS) * 512 :][:512]
+        m = re.match(rb"netsrv counter=(\d+)\n", sector)
+        assert m, f"value {v}: sector {v % LOG_SECTORS} holds {sector[:32]!r}"
+        held = int(m.group(1))
+        assert held >= v and held % LOG_SECTORS == v % LOG_SECTORS, (v, held)
+    assert not any("FAIL" in line for line in pair.b.lines)
 
 
 def test_failover_secondary_killed_mid_stream(pair_factory):
