@@ -40,6 +40,12 @@ def connect(peer: tuple[str, int], key: bytes, config: bytes, handshake_timeout:
                 raise UserError(f"cannot reach the secondary at {addr}: {e.strerror or e}")
             time.sleep(0.2)  # retry pacing, not synchronisation
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return open_primary(sock, addr, key, config, handshake_timeout)
+
+
+def open_primary(sock: socket.socket, addr: str, key: bytes, config: bytes, handshake_timeout: float) -> Channel:
+    """The primary's side on a connected socket (TCP, or a socketpair in
+    the in-process test harness)."""
     try:
         channel = client_handshake(sock, key, "primary", addr, handshake_timeout)
     except ChannelError as e:
@@ -69,7 +75,15 @@ def accept(server: socket.socket, key: bytes, config: bytes) -> tuple[Channel, s
             log.warning("refused %s: %s", peer, e)  # nothing it sent is used
             sock.close()
             continue
-        break
+        return check_config(channel, peer, config), peer
+
+
+def open_secondary(sock: socket.socket, peer: str, key: bytes, config: bytes) -> Channel:
+    """The secondary's side on a connected socket (the in-process harness)."""
+    return check_config(server_handshake(sock, key, "secondary", peer, HANDSHAKE_TIMEOUT), peer, config)
+
+
+def check_config(channel: Channel, peer: str, config: bytes) -> Channel:
     mtype, payload = channel.recv()
     if mtype != Msg.CONFIG:
         raise UserError(f"the primary at {peer} sent {mtype} instead of its configuration")
@@ -79,7 +93,7 @@ def accept(server: socket.socket, key: bytes, config: bytes) -> tuple[Channel, s
         channel.close()
         raise UserError(f"refused the primary at {peer}: {problem}")
     channel.send(Msg.CONFIG_OK)
-    return channel, peer
+    return channel
 
 
 def config_message(machine, host_meta: dict, options: ColoOptions) -> bytes:

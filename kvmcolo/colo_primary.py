@@ -80,12 +80,17 @@ class ColoPrimary:
 
     # ---- start-up -------------------------------------------------------------
 
-    def connect(self, timeout: float = 60.0) -> None:
-        """Connect, authenticate, agree on the machine, sync the disks."""
+    def connect(self, timeout: float = 60.0, sock=None) -> None:
+        """Connect, authenticate, agree on the machine, sync the disks.
+        `sock`: an already connected socket to use instead (test harness)."""
         m = self.machine
         self.host = vmstate.HostCaps.probe(m.kvm, m.vm.vcpus[0])
         config = colo_link.config_message(m, self.host.as_meta(), self.options)
-        self.channel = colo_link.connect(self.peer, self.key, config, self.options.heartbeat_timeout * 5, timeout)
+        handshake = self.options.heartbeat_timeout * 5
+        if sock is None:
+            self.channel = colo_link.connect(self.peer, self.key, config, handshake, timeout)
+        else:
+            self.channel = colo_link.open_primary(sock, self.status.peer, self.key, config, handshake)
         self.disks = PrimaryDisks(m, self.channel, lambda: self._epoch, self._lose)
         self.disks.sync()
 
@@ -196,9 +201,9 @@ class ColoPrimary:
         """A bug, not a lost peer: logged once with its traceback, then the
         secondary is told to end (it must not take over a guest that is still
         running here) and the primary goes on alone."""
-        self.status.internal_error(thread, exc)
         self._send_goodbye(4, f"the primary ended protection after an internal error in {thread}; it goes on alone")
         self._lose(f"internal error in {thread}: {type(exc).__name__}: {exc}")
+        self.status.internal_error(thread, exc)  # after the state changed: never "colo" with an error listed
 
     # ---- threads --------------------------------------------------------------------
 

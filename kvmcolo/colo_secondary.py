@@ -65,6 +65,9 @@ class ColoSecondary:
         self._holding = False  # the SVM is held for a checkpoint (under _lock)
         self.goodbye: dict | None = None
         self.network: SecondaryNetwork | None = None
+        self._server: socket.socket | None = None
+        if listen is None:
+            return  # the test harness hands wait_for_primary() a connected socket
         self._server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -75,12 +78,17 @@ class ColoSecondary:
 
     # ---- start-up ------------------------------------------------------------------
 
-    def wait_for_primary(self) -> None:
+    def wait_for_primary(self, sock: socket.socket | None = None) -> None:
         """Accept primaries until one authenticates and brings a matching VM;
-        sync the disks and load its initial copy."""
-        log.info("secondary: waiting for the primary on %s:%d", *self.listen_addr)
+        sync the disks and load its initial copy.  `sock`: a connected socket
+        to the primary instead (test harness)."""
         config = colo_link.config_message(self.machine, self.host.as_meta(), self.options)
-        ch, peer = colo_link.accept(self._server, self.key, config)
+        if sock is None:
+            log.info("secondary: waiting for the primary on %s:%d", *self.listen_addr)
+            ch, peer = colo_link.accept(self._server, self.key, config)
+        else:
+            peer = "socketpair"
+            ch = colo_link.open_secondary(sock, peer, self.key, config)
         self.channel = ch
         self.status.set(peer=peer)
         ch.timeout = 120
@@ -141,11 +149,12 @@ class ColoSecondary:
         """A bug, not a lost primary: taking over could run a second copy of a
         guest that is still running there, so this side ends instead (exit 4)
         and the primary goes on alone."""
-        self.status.internal_error(thread, exc)
+        if not self._ended.is_set():
+            self.status.set(state="failed", phase="idle")
+        self.status.internal_error(thread, exc)  # after the state changed: never "colo" with an error listed
         if self._ended.is_set():
             return
         self._ended.set()
-        self.status.set(state="failed", phase="idle")
         hang_up(self._heartbeat, self.channel)
         self.machine.vm.request_exit(4, f"internal error in {thread}: the secondary ends; the primary goes on alone")
 
@@ -298,6 +307,7 @@ class ColoSecondary:
         if self.network is not None:
             self.network.stop()
         hang_up(self._heartbeat, self.channel)
-        self._server.close()
+        if self._server is not None:
+            self._server.close()
         self.cache.close()
         self.disks.close()
