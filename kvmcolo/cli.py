@@ -403,8 +403,9 @@ def _cmd_client(args) -> int:
                                                                                                 args.command)
     result = control.call(path, command)
     if args.command == "status":
+        holds = ", ".join(f"{k}" + (f" x{n}" if n > 1 else "") for k, n in result.get("holds", {}).items())
         print(f"{result['status']}  pid {result['pid']}  {result['vcpus']} vCPUs  {result['memory_mib']} MiB  "
-              f"up {result['uptime_s']:.1f} s")  # fmt: skip
+              f"up {result['uptime_s']:.1f} s" + (f"  (held: {holds})" if holds else ""))  # fmt: skip
         if "colo" in result:
             _print_colo(control.call(path, "query-colo"))
     elif result is not None:
@@ -413,8 +414,11 @@ def _cmd_client(args) -> int:
 
 
 def _print_colo(c: dict) -> None:
-    print(f"COLO {c['role']}: {c['state']}, peer {c['peer']}, {c['checkpoints']} checkpoints "
+    protection = "protected" if c.get("protected") else "NOT protected"
+    print(f"COLO {c['role']}: {c['state']} ({protection}), peer {c['peer']}, {c['checkpoints']} checkpoints "
           f"(reasons: {', '.join(f'{k} {v}' for k, v in c['reasons'].items()) or 'none'})")  # fmt: skip
+    for e in c.get("internal_errors") or []:
+        print(f"  internal error: {e}")
     if c["recent"]:
         print("  seq  reason        pause ms  dirty pages      bytes  transfer ms  load ms")
         for r in c["recent"][-5:]:

@@ -138,6 +138,8 @@ class PrimaryNetwork:
                 port.transmit(act.frame)
             elif isinstance(act, RequestCheckpoint):
                 self._request_checkpoint(act.reason)
+            else:
+                raise TypeError(f"the comparator driver has no action {act!r}")
 
 
 class PrimaryPort:

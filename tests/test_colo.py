@@ -182,7 +182,7 @@ def test_manual_failover_and_status(images, tmp_path):
         from conftest import kvmcolo_cmd
 
         status = kvmcolo_cmd("status", "--control", str(tmp_path / "a.sock"))
-        assert "COLO primary: colo" in status.stdout and "pause ms" in status.stdout
+        assert "COLO primary: colo (protected)" in status.stdout and "pause ms" in status.stdout
         assert kvmcolo_cmd("checkpoint", "--control", str(tmp_path / "a.sock")).returncode == 0
         wait_until(lambda: pair.colo("a")["reasons"].get("requested on the control socket", 0) >= 1,
                    "the requested checkpoint")  # fmt: skip

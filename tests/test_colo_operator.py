@@ -66,26 +66,20 @@ def test_stop_keeps_protection_and_the_secondary_stops_with_it(images, tmp_path)
         pair.close()
 
 
-def test_cont_hammered_during_checkpoints(images, tmp_path):
+@pytest.mark.parametrize("commands", [("cont",), ("stop", "cont")], ids=["cont-hammered", "stop-cont-racing"])
+def test_operator_commands_racing_checkpoints(images, tmp_path, commands):
+    """Operator commands as fast as the control socket takes them, for 30
+    checkpoints; the last command is cont."""
     pair = pair_of(tmp_path, primary_args=["--checkpoint-delay", "50", *VERIFY])
     try:
-        start = checkpoints(pair)
+        start, i = checkpoints(pair), 0
         while checkpoints(pair) < start + 30:
-            pair.primary.call("cont")
+            pair.primary.call(commands[i % len(commands)])
+            i += 1
+        pair.primary.call("cont")
         assert pair.primary.call("query-status")["status"] == "running"
         assert_healthy(pair)
         kill_primary_and_check(pair)
-    finally:
-        pair.close()
-
-
-def test_stop_and_cont_racing_checkpoints(images, tmp_path):
-    pair = pair_of(tmp_path, primary_args=["--checkpoint-delay", "50", *VERIFY])
-    try:
-        for i in range(60):
-            pair.primary.call("stop" if i % 2 == 0 else "cont")
-        assert pair.primary.call("query-status")["status"] == "running"
-        assert_healthy(pair)
     finally:
         pair.close()
 
