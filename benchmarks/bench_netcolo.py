@@ -89,19 +89,11 @@ def concurrent(the_lab: lab.Lab, clients: int, seconds: float) -> tuple[int, boo
 def colo(the_lab: lab.Lab, tmp: str, workload, primary=(), guest_args=()) -> tuple[object, dict, float]:
     """Run `workload()` against netsrv under COLO: (its result, checkpoints by
     reason during it, the comparator's hold p50 in ms afterwards)."""
-    key = os.path.join(tmp, "key")
-    with open(key, "w") as f:
-        f.write(os.urandom(24).hex())
-    socks = {s: os.path.join(tmp, f"{s}.sock") for s in "ab"}
-    b = GuestProcess(the_lab.host_b.cmd(*lab.boot_args("B", key, socks["b"])))
-    a = None
+    pair = lab.ColoLab(the_lab, tmp, lambda side, argv: GuestProcess(argv))
+    socks = {s: pair.sock(s) for s in "ab"}
     try:
-        while not os.path.exists(socks["b"]):
-            time.sleep(0.05)
-        a = GuestProcess(the_lab.host_a.cmd(*lab.boot_args("A", key, socks["a"], primary, guest_args)))
-        a.wait_line("netsrv: ready", timeout=60)
-        while control.call(socks["a"], "query-colo")["state"] != "colo":
-            time.sleep(0.05)
+        pair.start_pair(primary, guest_args=guest_args)
+        pair.procs["A"].wait_line("netsrv: ready", timeout=60)
         before = control.call(socks["a"], "query-colo")["reasons"]
         result = workload()
         info = control.call(socks["a"], "query-colo")
@@ -109,9 +101,7 @@ def colo(the_lab: lab.Lab, tmp: str, workload, primary=(), guest_args=()) -> tup
         reasons = {r: after[r] - before.get(r, 0) for r in after if after[r] - before.get(r, 0)}
         return result, reasons, info["net"]["nics"][0]["hold_ms_p50"]
     finally:
-        for p in (a, b):
-            if p is not None:
-                p.stop()
+        pair.stop()
 
 
 def row(name: str, lat: list[float], rate: float, base: list[float] | None = None) -> tuple[str, str, str]:

@@ -19,7 +19,7 @@ the demo's options cheaply; the lab and the VMM pieces load in run_demo().
 from __future__ import annotations
 
 import argparse
-import base64
+import contextlib
 import collections
 import ctypes
 import os
@@ -183,7 +183,7 @@ class _Demo:
         self.t0 = time.monotonic()
         self.tmp: str | None = None
         self.lab = None
-        self.procs: dict[str, subprocess.Popen] = {}
+        self.pair = None  # lab.ColoLab: the two VMMs (the harness the tests and the benchmark use too)
         self.logs: dict[str, object] = {}
         self.client = None
         self.killed_at: float | None = None  # monotonic
@@ -237,97 +237,60 @@ class _Demo:
 
     def setup(self) -> None:
         from kvmcolo import guest_images
-        from kvmcolo.lab import Lab, LabError, remove_stale_namespaces
+        from kvmcolo.lab import ColoLab, Lab, LabError, remove_stale_namespaces
 
         stale = remove_stale_namespaces() + _remove_stale_folders()
         if stale:
             self.say(f"removed what a killed earlier run left behind: {', '.join(stale)}")
         guest_images.image_path("netsrv")  # built once here, not by both VMMs at once
         self.tmp = tempfile.mkdtemp(prefix=f"kvmcolo-demo-{os.getpid()}-")
-        key = os.path.join(self.tmp, "colo.key")
-        fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(base64.b64encode(os.urandom(32)) + b"\n")
-        self.key = key
         try:
             self.lab = Lab()
         except LabError as e:
             raise UserError(str(e)) from None
+        self.pair = ColoLab(self.lab, self.tmp, self._spawn, mem=GUEST_MEM)
         self.say("LAN ready: namespaces client, hostA, hostB and the switch; a fresh random key in " + self.tmp)
+
+    @property
+    def procs(self) -> dict:
+        return self.pair.procs if self.pair is not None else {}
 
     def start_vmms(self) -> None:
         from kvmcolo.lab import GUEST_ADDR, REPL_B, REPL_PORT
 
-        pid = self.start("B")
-        self.wait_control("B")
-        self.say(f"host B: secondary VMM started (pid {pid}), waiting for the primary on {REPL_B}:{REPL_PORT}")
-        pid = self.start("A")
-        self.wait_control("A")
-        self.say(f"host A: primary VMM started (pid {pid}), booting the guest and copying it to host B")
-        c = self.wait_colo()
+        with _as_failure():
+            self.pair.start("B")
+            self.pair.wait_control("B", START_TIMEOUT)
+            self.say(f"host B: secondary VMM started (pid {self.procs['B'].pid}), waiting for the primary on "
+                     f"{REPL_B}:{REPL_PORT}")  # fmt: skip
+            self.pair.start("A")
+            self.pair.wait_control("A", START_TIMEOUT)
+            self.say(f"host A: primary VMM started (pid {self.procs['A'].pid}), booting the guest and copying it "
+                     "to host B")  # fmt: skip
+            c = self.pair.wait_colo(COLO_TIMEOUT)
         self.wait_ready()
         n = c["checkpoints"]
         self.say(f"COLO is running: {n} checkpoint{'s' if n != 1 else ''} so far; the guest serves {GUEST_ADDR} "
                  "from host A, every output packet compared with host B's copy")  # fmt: skip
 
-    def start(self, side: str) -> int:
-        from kvmcolo.lab import boot_args
-
-        host = self.lab.host(side)
-        log_path = self.log_path(side)
-        log = open(log_path, "wb")
+    def _spawn(self, side: str, argv: list[str]) -> subprocess.Popen:
+        """One VMM, its output into the side's log (`ip netns exec` execs
+        kvmcolo: the pid is the VMM's)."""
+        log = open(self.log_path(side), "wb")
         self.logs[side] = log
-        argv = host.cmd(*boot_args(side, self.key, self.sock(side), mem=GUEST_MEM))
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True, preexec_fn=_die_with_parent)  # fmt: skip
-        self.procs[side] = proc
-        return proc.pid  # `ip netns exec` execs kvmcolo: the same process
-
-    def sock(self, side: str) -> str:
-        return os.path.join(self.tmp, f"{side.lower()}.sock")
 
     def log_path(self, side: str) -> str:
         return os.path.join(self.tmp, f"host{side}.log")
 
     def query(self, side: str) -> dict | None:
         """query-colo, or None when the VMM does not answer."""
-        from kvmcolo import control
-
-        try:
-            return control.call(self.sock(side), "query-colo", timeout=5)
-        except (UserError, OSError, ValueError):
-            return None
+        return self.pair.query(side)
 
     def check_alive(self, side: str, what: str) -> None:
-        proc = self.procs[side]
-        if proc.poll() is not None:
-            raise _Failed(f"host {side}'s VMM exited with status {proc.returncode} {what}", (side,))
-
-    def wait_control(self, side: str) -> None:
-        from kvmcolo import control
-
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            self.check_alive(side, "while starting")
-            if os.path.exists(self.sock(side)):
-                try:
-                    control.call(self.sock(side), "query-status", timeout=5)
-                    return
-                except (UserError, OSError, ValueError):
-                    pass
-            time.sleep(0.05)
-        raise _Failed(f"host {side}'s VMM did not answer on its control socket within {START_TIMEOUT:g} s", (side,))
-
-    def wait_colo(self) -> dict:
-        deadline = time.monotonic() + COLO_TIMEOUT
-        while time.monotonic() < deadline:
-            for side in "AB":
-                self.check_alive(side, "before COLO was running")
-            c = self.query("A")
-            if c and c.get("checkpoints", 0) > 0:
-                return c
-            time.sleep(0.1)
-        raise _Failed(f"no checkpoint within {COLO_TIMEOUT:g} s", ("A", "B"))
+        with _as_failure():
+            self.pair.check_alive(side, what)
 
     def wait_ready(self, timeout: float = 30) -> None:
         """The guest's console says its services are up (the primary's log)."""
@@ -513,15 +476,8 @@ class _Demo:
                 self.client.close()
             except Exception:  # noqa: BLE001 - teardown goes on
                 pass
-        for side in ("A", "B"):
-            proc = self.procs.get(side)
-            if proc is not None and proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+        if self.pair is not None:
+            self.pair.stop(timeout=10)
         for log in self.logs.values():
             log.close()
         if self.lab is not None:
@@ -531,6 +487,17 @@ class _Demo:
 
 
 _FOLDER_RE = re.compile(r"^kvmcolo-demo-(\d+)-")
+
+
+@contextlib.contextmanager
+def _as_failure():
+    """The pair harness's errors as the demo's: a FAILED line and the logs."""
+    from kvmcolo.lab import ColoLabError
+
+    try:
+        yield
+    except ColoLabError as e:
+        raise _Failed(str(e), e.sides) from None
 
 
 def _remove_stale_folders() -> list[str]:

@@ -105,6 +105,107 @@ class LabError(Exception):
     """The lab could not be built (an `ip` command failed); the message says which."""
 
 
+class ColoLabError(LabError):
+    """A COLO pair on the lab did not come up; `sides` says whose log to read."""
+
+    def __init__(self, message: str, sides: Sequence[str]):
+        super().__init__(message)
+        self.sides = tuple(sides)
+
+
+def _popen(proc):
+    """The subprocess.Popen of what a spawn function returned (a Popen, or
+    an object wrapping one as `.proc`)."""
+    return getattr(proc, "proc", proc)
+
+
+class ColoLab:
+    """netsrv under COLO on the lab: the secondary on host B, the primary on
+    host A, as two real `kvmcolo boot` processes.  The one pair harness the
+    end-to-end tests, the network benchmark and the demo share; each says how
+    a VMM process is started (`spawn(side, argv)`: a Popen, or an object
+    with the Popen as `.proc`) and what it does with its output."""
+
+    def __init__(self, lab: Lab, folder: str, spawn, mem: str | None = None):
+        self.lab = lab
+        self.folder = folder
+        self.spawn = spawn
+        self.mem = mem
+        self.procs: dict[str, object] = {}
+        self.key = os.path.join(folder, "colo.key")
+        fd = os.open(self.key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(os.urandom(32).hex().encode() + b"\n")
+
+    def sock(self, side: str) -> str:
+        return os.path.join(self.folder, f"{side_name(side).lower()}.sock")
+
+    def start(self, side: str, extra: Sequence[str] = (), guest_args: Sequence[str] = ()):
+        s = side_name(side)
+        argv = self.lab.host(s).cmd(*boot_args(s, self.key, self.sock(s), extra, guest_args, mem=self.mem))
+        self.procs[s] = self.spawn(s, argv)
+        return self.procs[s]
+
+    def start_pair(self, primary: Sequence[str] = (), secondary: Sequence[str] = (), guest_args: Sequence[str] = (),
+                   start_timeout: float = 60, colo_timeout: float = 120) -> dict:  # fmt: skip
+        """Secondary, then primary; returns query-colo of the primary once
+        its first checkpoint is done."""
+        self.start("B", secondary)
+        self.wait_control("B", start_timeout)
+        self.start("A", primary, guest_args)
+        self.wait_control("A", start_timeout)
+        return self.wait_colo(colo_timeout)
+
+    def query(self, side: str, command: str = "query-colo", timeout: float = 5) -> dict | None:
+        """A control-socket command's answer, or None when the VMM does not answer."""
+        from kvmcolo import control
+        from kvmcolo.errors import UserError
+
+        try:
+            return control.call(self.sock(side), command, timeout=timeout)
+        except (UserError, OSError, ValueError):
+            return None
+
+    def check_alive(self, side: str, what: str) -> None:
+        s = side_name(side)
+        proc = _popen(self.procs[s])
+        if proc.poll() is not None:
+            raise ColoLabError(f"host {s}'s VMM exited with status {proc.returncode} {what}", (s,))
+
+    def wait_control(self, side: str, timeout: float = 60) -> None:
+        s = side_name(side)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.check_alive(s, "while starting")
+            if os.path.exists(self.sock(s)) and self.query(s, "query-status") is not None:
+                return
+            time.sleep(0.05)
+        raise ColoLabError(f"host {s}'s VMM did not answer on its control socket within {timeout:g} s", (s,))
+
+    def wait_colo(self, timeout: float = 120) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for s in "AB":
+                self.check_alive(s, "before COLO was running")
+            c = self.query("A")
+            if c and c.get("checkpoints", 0) > 0:
+                return c
+            time.sleep(0.05)
+        raise ColoLabError(f"no checkpoint within {timeout:g} s", ("A", "B"))
+
+    def stop(self, timeout: float = 5) -> None:
+        """Both VMMs ended (SIGTERM, then SIGKILL after `timeout`)."""
+        for proc in map(_popen, self.procs.values()):
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in map(_popen, self.procs.values()):
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
 class Lab:
     """The four namespaces and their links.  close() is idempotent and never
     raises; a Lab that fails half-way through building removes what it made.

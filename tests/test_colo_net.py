@@ -21,33 +21,30 @@ from vmm_process import GuestProcess
 
 
 class LabPair:
-    """The lab with the secondary on hostB and the primary on hostA."""
+    """The lab with the secondary on hostB and the primary on hostA
+    (lab.ColoLab, console lines captured by GuestProcess)."""
 
     def __init__(self, tmp_path, guest_args=(), primary=(), secondary=()):
         self.tmp = tmp_path
-        self.key = tmp_path / "colo.key"
-        self.key.write_text(os.urandom(24).hex())
         self.lab = lab.Lab()
+        self.colo_lab: lab.ColoLab | None = None
         self.a = self.b = None
         try:
-            self.b = GuestProcess(self.lab.host_b.cmd(*lab.boot_args("B", self.key, self.sock("b"), secondary)))
-            self._wait_socket(self.b, "b")
-            self.a = GuestProcess(self.lab.host_a.cmd(*lab.boot_args("A", self.key, self.sock("a"), primary,
-                                                                      guest_args)))  # fmt: skip
+            self.colo_lab = lab.ColoLab(self.lab, str(tmp_path), lambda side, argv: GuestProcess(argv))
+            self.b = self.colo_lab.start("B", secondary)
+            self.colo_lab.wait_control("B")
+            self.a = self.colo_lab.start("A", primary, guest_args)
             self.a.wait_line(r"netsrv: ready", timeout=60)
-            self.wait(lambda: self.colo("a")["state"] == "colo", "COLO running")
+            self.colo_lab.wait_colo()
         except BaseException:
             self.close()
             raise
 
     def sock(self, side: str) -> str:
-        return str(self.tmp / f"{side}.sock")
+        return self.colo_lab.sock(side)
 
     def colo(self, side: str) -> dict:
         return control.call(self.sock(side), "query-colo")
-
-    def _wait_socket(self, proc: GuestProcess, side: str) -> None:
-        self.wait(lambda: os.path.exists(self.sock(side)), f"{side}'s control socket", proc=proc)
 
     def wait(self, condition, what: str, timeout: float = 30, proc: GuestProcess | None = None) -> None:
         deadline = time.monotonic() + timeout
@@ -73,9 +70,8 @@ class LabPair:
         proc.proc.wait(10)
 
     def close(self) -> None:
-        for p in (self.a, self.b):
-            if p is not None:
-                p.stop(timeout=5)
+        if self.colo_lab is not None:
+            self.colo_lab.stop()
         self.lab.close()
 
 
