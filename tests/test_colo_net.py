@@ -24,13 +24,14 @@ class LabPair:
     """The lab with the secondary on hostB and the primary on hostA
     (lab.ColoLab, console lines captured by GuestProcess)."""
 
-    def __init__(self, tmp_path, guest_args=(), primary=(), secondary=()):
+    def __init__(self, tmp_path, guest_args=(), primary=(), secondary=(), primary_env=None):
         self.tmp = tmp_path
         self.lab = lab.Lab()
         self.colo_lab: lab.ColoLab | None = None
         self.a = self.b = None
         try:
-            self.colo_lab = lab.ColoLab(self.lab, str(tmp_path), lambda side, argv: GuestProcess(argv))
+            self.colo_lab = lab.ColoLab(self.lab, str(tmp_path),
+                                        lambda side, argv: GuestProcess(argv, primary_env if side == "A" else None))
             self.b = self.colo_lab.start("B", secondary)
             self.colo_lab.wait_control("B")
             self.a = self.colo_lab.start("A", primary, guest_args)
@@ -232,6 +233,24 @@ def test_disk_and_nic_together_every_reply_is_on_the_survivors_disk(pair_factory
         held = int(m.group(1))
         assert held >= v and held % LOG_SECTORS == v % LOG_SECTORS, (v, held)
     assert not any("FAIL" in line for line in pair.b.lines)
+
+
+def test_internal_error_in_the_comparator_ticker_ends_protection_not_the_session(pair_factory):
+    """A bug in the primary's network thread: the primary goes on alone (held
+    output released), the secondary is told to end, the client notices nothing."""
+    pair = pair_factory(primary_env={"KVMCOLO_TEST_HOOKS": "colo-net-tick:300"})
+    with pair.client() as c:
+        c.start(200)
+        pair.wait(lambda: pair.colo("a")["internal_errors"], "the injected fault", timeout=30)
+        pair._killed = pair.b  # it is told to end
+        assert pair.b.proc.wait(15) == 4
+        n = len(c.records)
+        pair.wait(lambda: len(c.records) >= n + 100, "replies from the primary alone")
+        c.stop()
+        assert c.error is None, c.error
+        assert lab.check_sequence(c.values()) == []
+    info = pair.colo("a")
+    assert info["state"] == "alone" and not info["protected"] and "colo-net-tick" in info["internal_errors"][0]
 
 
 def test_failover_secondary_killed_mid_stream(pair_factory):

@@ -60,10 +60,12 @@ def test_stop_keeps_protection_and_the_secondary_stops_with_it(pair_of, tmp_path
         status = pair.primary.call("query-status")
         assert status["status"] == "paused" and status["colo"]["protected"]
         before = checkpoints(pair)
-        pair.wait_checkpoints(tmp_path / "a.sock", before + 5)  # 5 intervals: checkpoints go on
         # The SVM mirrors the primary's run state from the next checkpoint on.
         wait_until(lambda: pair.secondary.call("query-status")["holds"].get("operator"), "the SVM stopped too")
         frozen = max(passes(pair.primary.lines), default=0)
+        pair.wait_checkpoints(tmp_path / "a.sock", before + 5)  # 5 intervals: checkpoints go on ...
+        assert pair.primary.call("query-status")["status"] == "paused"  # ... and no checkpoint undid the stop
+        assert max(passes(pair.primary.lines), default=0) <= frozen + 1  # (a line may still be in flight)
         assert_same_state(pair, at_least=2)
         pair.primary.call("cont")
         assert pair.primary.call("query-status")["status"] == "running"
