@@ -19,6 +19,7 @@ Guest-physical layout of the boot data (all below the kernel at 1 MiB):
 
 from __future__ import annotations
 
+import os
 import struct
 from dataclasses import dataclass
 
@@ -80,6 +81,7 @@ def read_pvh_image(path: str) -> PvhImage:
     except OSError as e:
         raise UserError(f"cannot read kernel {path!r}: {e.strerror}")
     with f:
+        file_size = os.fstat(f.fileno()).st_size
         try:
             elf = ELFFile(f)
         except ELFError:
@@ -100,6 +102,9 @@ def read_pvh_image(path: str) -> PvhImage:
                 elif seg["p_type"] == "PT_LOAD" and seg["p_memsz"] > 0:
                     if seg["p_filesz"] > seg["p_memsz"]:
                         raise UserError(f"kernel {path!r} has a segment larger on file than in memory")
+                    if seg["p_offset"] + seg["p_filesz"] > file_size:
+                        raise UserError(f"kernel {path!r} is truncated: a segment ends at byte "
+                                        f"{seg['p_offset'] + seg['p_filesz']}, the file has {file_size}")  # fmt: skip
                     segments.append(Segment(seg["p_paddr"], seg.data(), seg["p_memsz"]))
         except ELFError as e:
             raise UserError(f"kernel {path!r} is a damaged ELF file: {e}")

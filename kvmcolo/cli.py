@@ -16,6 +16,7 @@ import time
 import sys
 
 from kvmcolo import __version__
+from kvmcolo.argtypes import number
 from kvmcolo.errors import UserError
 
 log = logging.getLogger("kvmcolo")
@@ -90,24 +91,25 @@ def _build_parser() -> argparse.ArgumentParser:
     boot.add_argument("--peer", metavar="HOST:PORT", help="the secondary's replication address (primary)")
     boot.add_argument("--listen", metavar="HOST:PORT", help="address to wait for the primary on (secondary)")
     boot.add_argument("--key-file", required=True, metavar="FILE", help="shared secret (>= 16 bytes), same on both hosts")
-    boot.add_argument("--checkpoint-delay", type=float, default=100, metavar="MS",
+    boot.add_argument("--checkpoint-delay", type=number(float, 1, 3_600_000, " ms"), default=100, metavar="MS",
                       help="checkpoint at least this often, in ms (default 100)")
-    boot.add_argument("--heartbeat-interval", type=float, default=100, metavar="MS", help="default 100 ms")
-    boot.add_argument("--heartbeat-timeout", type=float, default=1000, metavar="MS",
+    boot.add_argument("--heartbeat-interval", type=number(float, 1, 60_000, " ms"), default=100, metavar="MS",
+                      help="default 100 ms")
+    boot.add_argument("--heartbeat-timeout", type=number(float, 10, 600_000, " ms"), default=1000, metavar="MS",
                       help="peer declared lost after this much silence (default 1000 ms)")
     boot.add_argument("--no-resume-early", dest="resume_early", action="store_false",
                       help="keep the primary paused until the secondary has loaded each checkpoint")
-    boot.add_argument("--compare-timeout", type=float, default=500, metavar="MS",
+    boot.add_argument("--compare-timeout", type=number(float, 1, 60_000, " ms"), default=500, metavar="MS",
                       help="a checkpoint is forced when a primary packet waits this long for the secondary's "
                       "copy (default 500 ms)")
-    boot.add_argument("--max-queue", type=int, default=1024, metavar="N",
+    boot.add_argument("--max-queue", type=number(int, 1, 1_000_000), default=1024, metavar="N",
                       help="held primary packets per connection before a checkpoint is forced (default 1024)")
     boot.add_argument("--fence-command", metavar="CMD",
                       help="run (sh -c) when the peer is lost, before going on alone or taking over: exit 0 = "
                       "the peer is fenced; anything else = this side stops (exit 3) to avoid a split brain")
     boot.add_argument("--overlay-dir", metavar="DIR",
                       help="where the secondary mounts its disk overlays (default /run/kvmcolo/overlay)")
-    boot.add_argument("--verify-every", type=int, default=0, metavar="N", help=argparse.SUPPRESS)
+    boot.add_argument("--verify-every", type=number(int, 0, 1_000_000), default=0, metavar="N", help=argparse.SUPPRESS)
     _add_vm_options(boot, kernel_required=False)
     _add_control_option(boot, serve=True)
 
@@ -260,6 +262,8 @@ def _secondary_overlays(config, overlay_dir):
     from kvmcolo.machine import DiskSpec
 
     root = overlay_dir or "/run/kvmcolo/overlay"
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise UserError(f"--overlay-dir {root!r} is not a directory")
     OverlayMount.cleanup_stale(root)
     bases, overlays = [], []
     try:
@@ -290,9 +294,7 @@ def _cmd_boot(args) -> int:
         raise UserError("boot --secondary needs --listen HOST:PORT")
     if args.primary and not (args.kernel or args.image):
         raise UserError("boot --primary needs --kernel or --image")
-    for name in ("checkpoint_delay", "heartbeat_interval", "heartbeat_timeout", "compare_timeout", "max_queue"):
-        if getattr(args, name) <= 0:
-            raise UserError(f"--{name.replace('_', '-')} must be positive")
+    # (each number's range is checked as it is parsed: argtypes.number)
     if args.heartbeat_timeout <= args.heartbeat_interval:
         raise UserError("--heartbeat-timeout must be longer than --heartbeat-interval")
     key = wire.load_key(args.key_file)

@@ -22,7 +22,7 @@ import logging
 import os
 import struct
 
-from kvmcolo import testhooks
+from kvmcolo import jsonsafe, testhooks
 from kvmcolo.colo import Msg, ProtocolError
 from kvmcolo.disk_replication import HASH_CHUNK, PendingWrites, apply_writes, chunk_hashes, file_hash
 from kvmcolo.errors import UserError
@@ -47,7 +47,7 @@ class PrimaryDisks:
         mtype, payload = self.channel.recv()
         if mtype != Msg.DISK_HASHES:
             raise UserError(f"the secondary answered {mtype} instead of its disk hashes")
-        theirs = json.loads(bytes(payload))
+        theirs = jsonsafe.loads(bytes(payload))
         for index, (image, remote) in enumerate(zip(self.machine.disk_images, theirs)):
             local = chunk_hashes(image.path)
             differ = [i for i, (a, b) in enumerate(zip(local, remote)) if a != b]

@@ -16,6 +16,7 @@ import logging
 import socket
 import time
 
+from kvmcolo import jsonsafe
 from kvmcolo.colo import Msg
 from kvmcolo.errors import UserError
 from kvmcolo.wire import Channel, ChannelError, client_handshake, server_handshake
@@ -87,7 +88,11 @@ def check_config(channel: Channel, peer: str, config: bytes) -> Channel:
     mtype, payload = channel.recv()
     if mtype != Msg.CONFIG:
         raise UserError(f"the primary at {peer} sent {mtype} instead of its configuration")
-    problem = config_mismatch(json.loads(config), json.loads(bytes(payload)))
+    try:
+        theirs = jsonsafe.loads(bytes(payload))
+        problem = config_mismatch(json.loads(config), theirs)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        problem = f"malformed configuration ({type(e).__name__}: {e})"
     if problem:
         channel.send(Msg.CONFIG_REFUSED, [problem.encode()])
         channel.close()

@@ -20,12 +20,11 @@ primary, still running, goes on alone.
 
 from __future__ import annotations
 
-import json
 import logging
 import socket
 import threading
 
-from kvmcolo import colo_link, dirty_log, sections, testhooks, vmstate
+from kvmcolo import colo_link, dirty_log, jsonsafe, sections, testhooks, vmstate
 from kvmcolo.colo import Act, Failover, FState, Msg, ProtocolError, SecondaryCore, SState
 from kvmcolo.colo_disk import SecondaryDisks
 from kvmcolo.colo_net import SecondaryNetwork
@@ -168,7 +167,7 @@ class ColoSecondary:
                 testhooks.hit("colo-secondary")
                 msg = Msg(mtype)
                 if msg is Msg.GOODBYE:
-                    self.goodbye = json.loads(bytes(payload))
+                    self.goodbye = jsonsafe.loads(bytes(payload))
                     self._end_with_primary()
                     return
                 if msg is Msg.DISK_WRITE:

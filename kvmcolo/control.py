@@ -17,16 +17,18 @@ import logging
 import os
 import selectors
 import socket
+import stat
 import threading
 from typing import Callable
 
-from kvmcolo import __version__
+from kvmcolo import __version__, jsonsafe
 from kvmcolo.errors import UserError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_DIR = "/run/kvmcolo"
 MAX_LINE = 1 << 20
+MAX_SOCKET_PATH = 108  # sun_path, with its terminating NUL
 
 
 def default_path() -> str:
@@ -46,15 +48,27 @@ class ControlServer:
             os.makedirs(folder, mode=0o700, exist_ok=True)
         except OSError as e:
             raise UserError(f"cannot create control socket folder {folder!r}: {e.strerror}")
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        if os.path.exists(path):
+        if len(os.fsencode(path)) >= MAX_SOCKET_PATH:
+            raise UserError(f"control socket path is {len(os.fsencode(path))} bytes; a Unix socket path must be "
+                            f"shorter than {MAX_SOCKET_PATH}")  # fmt: skip
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            st = None
+        if st is not None:
+            # Only ever remove a socket: a file, folder or device given here by
+            # mistake is refused and left exactly as it was.
+            if not stat.S_ISSOCK(st.st_mode):
+                raise UserError(f"{path!r} exists and is not a socket; give --control a new path")
             if _alive(path):
                 raise UserError(f"control socket {path!r} is in use by a running VMM")
             os.unlink(path)  # a stale socket left by a killed VMM
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o177)
         try:
             self._sock.bind(path)
         except OSError as e:
+            self._sock.close()
             raise UserError(f"cannot create control socket {path!r}: {e.strerror}")
         finally:
             os.umask(old)
@@ -147,9 +161,9 @@ class ControlServer:
     def handle_line(self, line: bytes) -> tuple[dict, Callable[[], None] | None]:
         """One request line to one reply (and, for quit, what to do after replying)."""
         try:
-            req = json.loads(line)
+            req = jsonsafe.loads(line)
         except ValueError as e:
-            return _error("InvalidJSON", f"not JSON: {e}"), None
+            return _error("InvalidJSON", str(e)), None
         if not isinstance(req, dict) or not isinstance(req.get("execute"), str):
             return _error("InvalidRequest", 'expected {"execute": "<command>", "arguments": {...}}'), None
         name = req["execute"]
@@ -229,14 +243,24 @@ def call(socket_path: str, command: str, arguments: dict | None = None, timeout:
         raise UserError(f"no control socket at {path!r}")
     except OSError as e:
         raise UserError(f"cannot connect to {path!r}: {e.strerror}")
-    with s, s.makefile("rwb") as f:
-        f.readline()  # greeting
-        f.write(json.dumps({"execute": command, "arguments": arguments or {}}).encode() + b"\n")
-        f.flush()
-        line = f.readline()
+    try:
+        with s, s.makefile("rwb") as f:
+            greeting = f.readline(MAX_LINE)  # a kvmcolo VMM greets first
+            f.write(json.dumps({"execute": command, "arguments": arguments or {}}).encode() + b"\n")
+            f.flush()
+            line = f.readline(MAX_LINE)
+    except OSError as e:
+        raise UserError(f"{path!r} is not answering as a kvmcolo VMM: {e.strerror or e}")
     if not line:
         raise UserError(f"the VMM at {path!r} closed the connection")
-    reply = json.loads(line)
+    try:
+        reply = jsonsafe.loads(line)
+        jsonsafe.loads(greeting)
+    except ValueError:
+        raise UserError(f"{path!r} is not a kvmcolo control socket (it answered something else)")
+    if not isinstance(reply, dict) or not ("return" in reply or "error" in reply):
+        raise UserError(f"{path!r} is not a kvmcolo control socket (it answered something else)")
     if "error" in reply:
-        raise UserError(f"{command}: {reply['error']['desc']}")
+        error = reply["error"]
+        raise UserError(f"{command}: {error.get('desc') if isinstance(error, dict) else error}")
     return reply["return"]

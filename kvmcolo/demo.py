@@ -60,12 +60,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--short", action="store_true",
                         help=f"a shorter run (host A dies after {SHORT_KILL_AFTER:g} s, then "
                         f"{SHORT_RUN_AFTER:g} s on host B)")  # fmt: skip
-    parser.add_argument("--requests-per-s", type=float, metavar="N",
+    from kvmcolo.argtypes import number
+
+    parser.add_argument("--requests-per-s", type=number(float, 0.1, 10_000), metavar="N",
                         help=f"the client's request rate (default {DEFAULT_RATE:g})")  # fmt: skip
-    parser.add_argument("--kill-after", type=float, metavar="S",
+    parser.add_argument("--kill-after", type=number(float, 0, 3600, " s"), metavar="S",
                         help=f"seconds of COLO before host A is killed (default {DEFAULT_KILL_AFTER:g}; "
                         f"--short {SHORT_KILL_AFTER:g})")  # fmt: skip
-    parser.add_argument("--run-after", type=float, metavar="S",
+    parser.add_argument("--run-after", type=number(float, 0, 3600, " s"), metavar="S",
                         help=f"seconds to watch host B after the failover (default {DEFAULT_RUN_AFTER:g}; "
                         f"--short {SHORT_RUN_AFTER:g})")  # fmt: skip
 

@@ -258,8 +258,11 @@ class Vcpu:
     def _handle_other_exit(self, reason: int) -> bool:
         """Exits other than I/O.  Returns False when the vCPU must stop."""
         if reason == lib.KVM_EXIT_SHUTDOWN:
-            log.warning("vcpu %d: guest shut down (triple fault or reset)\n%s", self.index, self.register_dump())
-            self.host.request_exit(0, "guest shut down (KVM_EXIT_SHUTDOWN: triple fault or reset)")
+            # A triple fault: a guest that crashed so badly it could not even
+            # report it.  (An orderly reset comes through the i8042 or a system
+            # event instead.)  A failure, never a clean exit.
+            self.host.vcpu_failed(self.index, f"vcpu {self.index}: the guest triple-faulted (KVM_EXIT_SHUTDOWN)\n"
+                                              f"{self.register_dump()}")  # fmt: skip
             return False
         if reason == lib.KVM_EXIT_HLT:
             self.host.request_exit(0, "guest halted (KVM_EXIT_HLT)")

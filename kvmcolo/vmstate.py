@@ -27,7 +27,7 @@ import uuid
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from kvmcolo import sections, xsave
+from kvmcolo import jsonsafe, sections, xsave
 from kvmcolo.dirty_log import DirtyReader, RegionDirty
 from kvmcolo.kvm_ffi import Kvm, ffi, lib
 from kvmcolo.memory import PAGE_SIZE
@@ -317,8 +317,8 @@ def parse(data) -> Snapshot:
         if len(by_tag.get(tag, [])) != 1:
             raise sections.StateFormatError(f"state needs exactly one {tag.decode().strip()} section")
     try:
-        meta = json.loads(bytes(by_tag[b"META"][0]))
-        devices = json.loads(bytes(by_tag[b"DEVS"][0]))
+        meta = jsonsafe.loads(bytes(by_tag[b"META"][0]))
+        devices = jsonsafe.loads(bytes(by_tag[b"DEVS"][0]))
     except ValueError as e:
         raise sections.StateFormatError(f"bad metadata: {e}")
     if meta.get("state_version") != STATE_VERSION:

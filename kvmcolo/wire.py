@@ -31,10 +31,12 @@ import hmac
 import json
 import os
 import socket
+import stat
 import struct
 import threading
 import time
 
+from kvmcolo import jsonsafe
 from kvmcolo.buffers import consume, split_views
 from kvmcolo.errors import UserError
 
@@ -59,14 +61,29 @@ class AuthenticationError(ChannelError):
     """The peer does not know the key, or a frame was forged or damaged."""
 
 
+MAX_KEY_FILE = 4096
+
+
 def load_key(path: str) -> bytes:
+    """The shared secret: a regular file of at most MAX_KEY_FILE bytes (a FIFO
+    or a device such as /dev/zero is refused, never read or waited on)."""
     try:
-        with open(path, "rb") as f:
-            key = f.read().strip()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         raise UserError(f"key file {path!r} does not exist")
     except OSError as e:
         raise UserError(f"cannot read key file {path!r}: {e.strerror}")
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UserError(f"key file {path!r} is not a regular file")
+        if st.st_size > MAX_KEY_FILE:
+            raise UserError(f"key file {path!r} is {st.st_size} bytes; a key file holds at most {MAX_KEY_FILE}")
+        key = os.read(fd, MAX_KEY_FILE + 1).strip()
+    except OSError as e:
+        raise UserError(f"cannot read key file {path!r}: {e.strerror}")
+    finally:
+        os.close(fd)
     if len(key) < MIN_KEY_BYTES:
         raise UserError(f"key file {path!r} holds {len(key)} bytes; use at least {MIN_KEY_BYTES} random bytes "
                         "(e.g. head -c 32 /dev/urandom | base64 > FILE)")  # fmt: skip
@@ -211,7 +228,7 @@ def _recv_plain(sock: socket.socket, expected: int) -> dict:
     if mtype != expected or length > HANDSHAKE_LIMIT:
         raise AuthenticationError("peer does not speak the kvmcolo replication protocol")
     try:
-        return json.loads(_read(sock, length))
+        return jsonsafe.loads(_read(sock, length))
     except ValueError:
         raise AuthenticationError("malformed handshake")
 

@@ -131,4 +131,4 @@ def test_nonpositive_compare_limits(tmp_path, option, value):
     key = tmp_path / "key"
     key.write_text("x" * 32)
     assert_user_error(kvmcolo_cmd("boot", "--secondary", "--listen", "127.0.0.1:7777", "--key-file", str(key),
-                                  option, value), "must be positive")  # fmt: skip
+                                  option, value), "is outside")  # fmt: skip

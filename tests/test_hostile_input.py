@@ -1,0 +1,163 @@
+"""Input from strangers and careless users (issue 12, first classes): deep
+JSON before authentication and on the control socket, numbers that would
+break later, files kvmcolo must not touch, a truncated kernel, a triple
+fault.  Each gets a refusal — one line and exit 2 on the command line —
+and the server keeps serving."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import struct
+import threading
+
+import pytest
+
+from conftest import kvmcolo_cmd
+from kvmcolo import control, jsonsafe, wire
+from kvmcolo.control import ControlServer
+
+DEEP = "[" * 100_000
+
+
+# ---- deep JSON is a refusal, never a RecursionError ---------------------------------
+
+
+def test_jsonsafe_refuses_deep_and_broken_input():
+    for bad in (DEEP, "[" * 1000, "[" * 40 + "]" * 40, b"\xff\xfe", "{", ""):
+        with pytest.raises(jsonsafe.JSONRefused):
+            jsonsafe.loads(bad)
+    assert jsonsafe.loads('{"a": [1, {"b": 2}]}') == {"a": [1, {"b": 2}]}
+
+
+def test_handshake_with_deep_json_is_refused_as_a_handshake_error():
+    a, b = socket.socketpair()
+    with a, b:
+        body = b"[" * 1000
+        a.sendall(struct.pack("<HI", 0xFFF0, len(body)) + body)  # a HELLO whose body nests 1,000 deep
+        with pytest.raises(wire.ChannelError):
+            wire.server_handshake(b, b"k" * 32, "secondary", "stranger", 5)
+
+
+def test_control_socket_survives_a_deep_line_and_keeps_answering(tmp_path):
+    server = ControlServer(str(tmp_path / "c.sock"), {"query-status": lambda: {"status": "running"}})
+    server.start()
+    try:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(server.path)
+            f = s.makefile("rwb")
+            f.readline()
+            f.write(DEEP.encode() + b"\n")
+            f.flush()
+            reply = json.loads(f.readline())
+            assert reply["error"]["class"] == "InvalidJSON"
+        assert control.call(server.path, "query-status") == {"status": "running"}
+    finally:
+        server.close()
+
+
+def test_status_at_a_socket_that_is_not_kvmcolo_is_one_line(tmp_path):
+    path = str(tmp_path / "other.sock")
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(path)
+    srv.listen(4)
+
+    def serve():
+        for _ in range(2):
+            c, _ = srv.accept()
+            c.sendall(b"220 some other service\r\n")
+            c.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    proc = kvmcolo_cmd("status", "--control", path, timeout=30)
+    srv.close()
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+# ---- numbers that validate are numbers that work ------------------------------------------
+
+
+@pytest.mark.parametrize("option", ["--checkpoint-delay", "--heartbeat-interval", "--heartbeat-timeout",
+                                    "--compare-timeout", "--max-queue"])  # fmt: skip
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "1e13", "0", "-5", "ten"])
+def test_numeric_options_must_be_finite_and_in_range(tmp_path, option, value):
+    key = tmp_path / "k"
+    key.write_text("x" * 32)
+    proc = kvmcolo_cmd("boot", "--primary", "--peer", "127.0.0.1:9", "--key-file", str(key), f"{option}={value}",
+                       "--image", "hello", timeout=30)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and option in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_cpus_must_be_a_sane_integer():
+    for value in ("0", "1e9", "two", "nan"):
+        proc = kvmcolo_cmd("run", "--image", "hello", "--cpus", value, timeout=30)
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+# ---- never remove or replace what kvmcolo did not create --------------------------------
+
+
+def digest(path) -> str:
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def test_control_path_that_is_a_file_or_folder_is_refused_and_kept(images, tmp_path):
+    guard = tmp_path / "disk.img"
+    guard.write_bytes(os.urandom(4096))
+    before = digest(guard)
+    folder = tmp_path / "dir"
+    folder.mkdir()
+    for target in (guard, folder):
+        proc = kvmcolo_cmd("run", "--image", "hello", "--control", str(target), timeout=60)
+        assert proc.returncode == 2, proc.stderr
+        assert "is not a socket" in proc.stderr and "Traceback" not in proc.stderr
+    assert digest(guard) == before and folder.is_dir()
+
+
+def test_control_path_too_long_for_a_socket(images, tmp_path):
+    proc = kvmcolo_cmd("run", "--image", "hello", "--control", str(tmp_path / ("x" * 200)), timeout=60)
+    assert proc.returncode == 2 and "shorter than 108" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "huge"])
+def test_key_file_that_is_not_a_small_regular_file_is_refused_at_once(tmp_path, kind):
+    if kind == "fifo":
+        path = tmp_path / "key.fifo"
+        os.mkfifo(path)
+    elif kind == "device":
+        path = "/dev/zero"
+    else:
+        path = tmp_path / "key.big"
+        path.write_bytes(b"k" * (wire.MAX_KEY_FILE + 1))
+    proc = kvmcolo_cmd("boot", "--primary", "--peer", "127.0.0.1:9", "--key-file", str(path), "--image", "hello",
+                       timeout=20)  # fmt: skip (a FIFO that blocked would time out here)
+    assert proc.returncode == 2 and "key file" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_overlay_dir_that_is_a_file(images, tmp_path):
+    key = tmp_path / "k"
+    key.write_text("x" * 32)
+    disk = tmp_path / "d.img"
+    disk.write_bytes(bytes(1 << 20))
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("keep me")
+    proc = kvmcolo_cmd("boot", "--secondary", "--listen", "127.0.0.1:0", "--key-file", str(key), "--disk", str(disk),
+                       "--overlay-dir", str(not_a_dir), "--image", "disk", timeout=30)  # fmt: skip
+    assert proc.returncode == 2 and "is not a directory" in proc.stderr and "Traceback" not in proc.stderr
+    assert not_a_dir.read_text() == "keep me"
+
+
+# ---- kernels and guests ---------------------------------------------------------------------
+
+
+def test_truncated_kernel_is_refused(images, tmp_path):
+    whole = (images / "hello.elf").read_bytes()
+    cut = tmp_path / "half.elf"
+    cut.write_bytes(whole[: len(whole) // 2])
+    proc = kvmcolo_cmd("run", "--kernel", str(cut), timeout=30)
+    assert proc.returncode == 2 and "truncated" in proc.stderr and "Traceback" not in proc.stderr
