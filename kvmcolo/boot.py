@@ -28,6 +28,7 @@ from elftools.elf.elffile import ELFFile
 
 from kvmcolo import acpi
 from kvmcolo.errors import UserError
+from kvmcolo.files import open_regular
 from kvmcolo.memory import PAGE_SIZE, GuestMemory
 
 XEN_ELFNOTE_PHYS32_ENTRY = 18
@@ -73,7 +74,7 @@ class PvhImage:
 def read_pvh_image(path: str) -> PvhImage:
     """Parse a PVH ELF kernel.  Raises UserError for anything that is not one."""
     try:
-        f = open(path, "rb")
+        f = open_regular(path, "kernel")
     except FileNotFoundError:
         raise UserError(f"kernel {path!r} does not exist")
     except IsADirectoryError:

@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import time
 import sys
 
@@ -247,10 +248,17 @@ def _cmd_run(args) -> int:
 
 
 def _address(text: str, option: str) -> tuple[str, int]:
+    """HOST:PORT, the host resolved once now: a name that does not resolve
+    is a mistake to report at once, not a peer to wait 60 s for."""
     host, sep, port = (text or "").rpartition(":")
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
         raise UserError(f"{option} needs HOST:PORT, got {text!r}")
-    return host.strip("[]") or "0.0.0.0", int(port)
+    host = host.strip("[]") or "0.0.0.0"
+    try:
+        socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise UserError(f"{option}: cannot resolve {host!r}: {e.strerror}")
+    return host, int(port)
 
 
 def _secondary_overlays(config, overlay_dir):

@@ -16,12 +16,14 @@ from __future__ import annotations
 import logging
 import mmap
 import os
+import stat
 import time
 from dataclasses import dataclass
 
 from kvmcolo import dirty_log, sections, vmstate
 from kvmcolo.buffers import consume
 from kvmcolo.errors import UserError
+from kvmcolo.files import open_regular
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,18 @@ class SnapshotResult:
 
 
 def write_atomically(path: str, parts) -> int:
+    """Write `parts` to `path` through a temporary file and a rename.  Only a
+    regular file (or nothing) is ever replaced: a device node, a folder or a
+    FIFO given by mistake is refused before anything is written."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        st = None
+    except OSError as e:
+        raise UserError(f"cannot write snapshot {path!r}: {e.strerror}")
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        what = "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+        raise UserError(f"cannot write snapshot {path!r}: it is {what}; give a file path")
     folder = os.path.dirname(os.path.abspath(path)) or "."
     tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
     try:
@@ -62,7 +76,11 @@ def write_atomically(path: str, parts) -> int:
         os.unlink(tmp)
         raise
     os.close(fd)
-    os.rename(tmp, path)
+    try:
+        os.rename(tmp, path)
+    except OSError as e:
+        os.unlink(tmp)  # never leave a snapshot-sized temporary file behind
+        raise UserError(f"cannot write snapshot {path!r}: {e.strerror}")
     dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(dfd)
@@ -115,7 +133,7 @@ def read_chain(paths: list[str]) -> list[vmstate.Snapshot]:
     snaps = []
     for path in paths:
         try:
-            with open(path, "rb") as f:
+            with open_regular(path, "snapshot") as f:
                 size = os.fstat(f.fileno()).st_size
                 data = mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ) if size else b""
         except FileNotFoundError:

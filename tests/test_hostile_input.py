@@ -161,3 +161,49 @@ def test_truncated_kernel_is_refused(images, tmp_path):
     cut.write_bytes(whole[: len(whole) // 2])
     proc = kvmcolo_cmd("run", "--kernel", str(cut), timeout=30)
     assert proc.returncode == 2 and "truncated" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ---- files named by mistake: refused, left as they were, never waited on --------------
+
+
+def test_snapshot_onto_a_device_node_or_a_folder_is_refused(images, tmp_path):
+    import stat as st
+
+    from test_snapshot import quit_vmm, start_vmm
+
+    device = tmp_path / "null"
+    os.mknod(device, st.S_IFCHR | 0o600, os.makedev(1, 3))
+    folder = tmp_path / "snaps"
+    folder.mkdir()
+    g = start_vmm(tmp_path, "a", "run", "--image", "dirty", "--", "pages=64", "report=100000")
+    try:
+        for target in (device, folder):
+            proc = kvmcolo_cmd("snapshot", "--control", str(tmp_path / "a.sock"), str(target), timeout=30)
+            assert proc.returncode == 2 and "cannot write snapshot" in proc.stderr, proc.stderr
+            assert "Traceback" not in proc.stderr
+        assert st.S_ISCHR(os.stat(device).st_mode) and folder.is_dir()
+        assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]  # no temporary file left behind
+        assert g.call("query-status")["status"] == "running"  # and the VMM goes on
+    finally:
+        quit_vmm(g)
+
+
+@pytest.mark.parametrize("role", ["kernel", "snapshot"])
+def test_a_fifo_is_refused_at_once(tmp_path, role):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    args = ("run", "--kernel", str(fifo)) if role == "kernel" else ("restore", str(fifo))
+    proc = kvmcolo_cmd(*args, timeout=20)  # a blocking open would time out here
+    assert proc.returncode == 2 and "is not a regular file" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_an_unresolvable_peer_fails_fast(tmp_path):
+    import time
+
+    key = tmp_path / "k"
+    key.write_text("x" * 32)
+    t0 = time.monotonic()
+    proc = kvmcolo_cmd("boot", "--primary", "--peer", "no-such-host.invalid:7777", "--key-file", str(key),
+                       "--image", "hello", timeout=40)  # fmt: skip
+    assert proc.returncode == 2 and "cannot resolve" in proc.stderr and "Traceback" not in proc.stderr
+    assert time.monotonic() - t0 < 30  # not the 60 s of retries a reachable-but-down peer gets
