@@ -19,6 +19,7 @@ import selectors
 import socket
 import stat
 import threading
+import time
 from typing import Callable
 
 from kvmcolo import __version__, jsonsafe
@@ -28,6 +29,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_DIR = "/run/kvmcolo"
 MAX_LINE = 1 << 20
+MAX_CLIENTS = 64  # beyond this, the longest-idle client is disconnected
+ACCEPT_PAUSE_S = 0.2  # after accept() fails (EMFILE): how long the socket is not watched
 MAX_SOCKET_PATH = 108  # sun_path, with its terminating NUL
 
 
@@ -73,13 +76,15 @@ class ControlServer:
         finally:
             os.umask(old)
         os.chmod(path, 0o600)
-        self._sock.listen(8)
+        self._sock.listen(socket.SOMAXCONN)
         self._sock.setblocking(False)
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._sock, selectors.EVENT_READ, None)
         self._stop_r, self._stop_w = os.pipe()
         self._selector.register(self._stop_r, selectors.EVENT_READ, "stop")
         self._buffers: dict[socket.socket, bytearray] = {}
+        self._last_active: dict[socket.socket, float] = {}
+        self._accept_paused_until: float | None = None
         self._thread = threading.Thread(target=self._run, name="control", daemon=True)
 
     def start(self) -> None:
@@ -103,7 +108,14 @@ class ControlServer:
 
     def _run(self) -> None:
         while True:
-            for key, _ in self._selector.select():
+            timeout = None
+            if self._accept_paused_until is not None:
+                timeout = max(0.0, self._accept_paused_until - time.monotonic())
+                if timeout == 0.0:
+                    self._accept_paused_until = None
+                    self._selector.register(self._sock, selectors.EVENT_READ, None)
+                    timeout = None
+            for key, _ in self._selector.select(timeout):
                 if key.data == "stop":
                     return
                 if key.data is None:
@@ -116,18 +128,42 @@ class ControlServer:
             conn, _ = self._sock.accept()
         except BlockingIOError:
             return
+        except OSError as e:
+            # Out of file descriptors (EMFILE/ENFILE) or memory.  The client
+            # idle longest gives its descriptor back (the next select retries);
+            # with none to give, stop watching the socket for a moment rather
+            # than spin on it.  One line either way, with the count.
+            if self._last_active:
+                log.warning("control socket: cannot accept a connection (%s); disconnecting the longest-idle of "
+                            "%d clients", e.strerror or e, len(self._buffers))  # fmt: skip
+                self._drop(min(self._last_active, key=self._last_active.get))
+                return
+            log.warning("control socket: cannot accept a connection (%s); retrying in %.1f s",
+                        e.strerror or e, ACCEPT_PAUSE_S)  # fmt: skip
+            self._selector.unregister(self._sock)
+            self._accept_paused_until = time.monotonic() + ACCEPT_PAUSE_S
+            return
+        if len(self._buffers) >= MAX_CLIENTS:
+            # Full: the client idle longest makes room, so the operator always gets in.
+            self._drop(min(self._last_active, key=self._last_active.get))
         conn.setblocking(True)
         conn.settimeout(10)
         self._buffers[conn] = bytearray()
+        self._last_active[conn] = time.monotonic()
         self._selector.register(conn, selectors.EVENT_READ, "conn")
         self._send(conn, {"kvmcolo": {"version": __version__, "pid": os.getpid()}})
 
     def _drop(self, conn: socket.socket) -> None:
+        if conn not in self._buffers:
+            return  # already dropped (evicted earlier in the same round of events)
         self._selector.unregister(conn)
         self._buffers.pop(conn, None)
+        self._last_active.pop(conn, None)
         conn.close()
 
     def _read(self, conn: socket.socket) -> None:
+        if conn not in self._buffers:
+            return  # evicted earlier in the same round of events
         try:
             data = conn.recv(65536)
         except OSError:
@@ -135,6 +171,7 @@ class ControlServer:
         if not data:
             self._drop(conn)
             return
+        self._last_active[conn] = time.monotonic()
         buf = self._buffers[conn]
         buf += data
         while (nl := buf.find(b"\n")) >= 0:
@@ -237,11 +274,21 @@ def call(socket_path: str, command: str, arguments: dict | None = None, timeout:
     path = socket_path
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(timeout)
+    deadline = time.monotonic() + timeout
     try:
-        s.connect(path)
+        while True:
+            try:
+                s.connect(path)
+                break
+            except BlockingIOError:  # the VMM's backlog is full for a moment: it is busy accepting
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
     except FileNotFoundError:
+        s.close()
         raise UserError(f"no control socket at {path!r}")
     except OSError as e:
+        s.close()
         raise UserError(f"cannot connect to {path!r}: {e.strerror}")
     try:
         with s, s.makefile("rwb") as f:

@@ -207,3 +207,60 @@ def test_an_unresolvable_peer_fails_fast(tmp_path):
                        "--image", "hello", timeout=40)  # fmt: skip
     assert proc.returncode == 2 and "cannot resolve" in proc.stderr and "Traceback" not in proc.stderr
     assert time.monotonic() - t0 < 30  # not the 60 s of retries a reachable-but-down peer gets
+
+
+# ---- the operator always gets through -----------------------------------------------------
+
+
+def test_control_socket_answers_with_hundreds_of_idle_clients(tmp_path):
+    server = ControlServer(str(tmp_path / "c.sock"), {"query-status": lambda: {"status": "running"}})
+    server.start()
+    idle = []
+    try:
+        for _ in range(300):
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(server.path)
+            idle.append(s)
+        assert control.call(server.path, "query-status", timeout=5) == {"status": "running"}
+    finally:
+        for s in idle:
+            s.close()
+        server.close()
+
+
+SERVER_AT_FD_LIMIT = """
+import resource, sys, time
+from kvmcolo.control import ControlServer
+resource.setrlimit(resource.RLIMIT_NOFILE, (48, 48))
+server = ControlServer(sys.argv[1], {"query-status": lambda: {"status": "running"}})
+server.start()
+print("ready", flush=True)
+sys.stdin.read()
+server.close()
+"""
+
+
+def test_control_socket_keeps_serving_when_out_of_file_descriptors(tmp_path):
+    """A server at nofile=48 and 100 idle clients: accept() hits EMFILE; the
+    longest-idle clients make room, the thread lives, the operator gets in."""
+    import subprocess
+    import sys
+
+    path = str(tmp_path / "c.sock")
+    proc = subprocess.Popen([sys.executable, "-c", SERVER_AT_FD_LIMIT, path], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    idle = []
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        for _ in range(100):
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(path)  # queued in the backlog even when the server cannot accept
+            idle.append(s)
+        assert control.call(path, "query-status", timeout=10) == {"status": "running"}
+    finally:
+        for s in idle:
+            s.close()
+        proc.stdin.close()
+        proc.wait(10)
+    stderr = proc.stderr.read()
+    assert "cannot accept a connection" in stderr and "Traceback" not in stderr
