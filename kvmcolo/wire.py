@@ -31,7 +31,6 @@ import hmac
 import json
 import os
 import socket
-import stat
 import struct
 import threading
 import time
@@ -39,6 +38,7 @@ import time
 from kvmcolo import jsonsafe
 from kvmcolo.buffers import consume, split_views
 from kvmcolo.errors import UserError
+from kvmcolo.files import open_regular
 
 PROTOCOL_VERSION = 1
 MIN_KEY_BYTES = 16
@@ -68,22 +68,17 @@ def load_key(path: str) -> bytes:
     """The shared secret: a regular file of at most MAX_KEY_FILE bytes (a FIFO
     or a device such as /dev/zero is refused, never read or waited on)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with open_regular(path, "key file") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_KEY_FILE:
+                raise UserError(f"key file {path!r} is {size} bytes; a key file holds at most {MAX_KEY_FILE}")
+            key = f.read(MAX_KEY_FILE + 1).strip()
     except FileNotFoundError:
         raise UserError(f"key file {path!r} does not exist")
+    except IsADirectoryError:
+        raise UserError(f"key file {path!r} is not a regular file")
     except OSError as e:
         raise UserError(f"cannot read key file {path!r}: {e.strerror}")
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise UserError(f"key file {path!r} is not a regular file")
-        if st.st_size > MAX_KEY_FILE:
-            raise UserError(f"key file {path!r} is {st.st_size} bytes; a key file holds at most {MAX_KEY_FILE}")
-        key = os.read(fd, MAX_KEY_FILE + 1).strip()
-    except OSError as e:
-        raise UserError(f"cannot read key file {path!r}: {e.strerror}")
-    finally:
-        os.close(fd)
     if len(key) < MIN_KEY_BYTES:
         raise UserError(f"key file {path!r} holds {len(key)} bytes; use at least {MIN_KEY_BYTES} random bytes "
                         "(e.g. head -c 32 /dev/urandom | base64 > FILE)")  # fmt: skip
