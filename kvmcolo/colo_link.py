@@ -13,35 +13,58 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
+import selectors
 import socket
+import threading
 import time
 
 from kvmcolo import jsonsafe
 from kvmcolo.colo import Msg
 from kvmcolo.errors import UserError
-from kvmcolo.wire import Channel, ChannelError, client_handshake, server_handshake
+from kvmcolo.refusals import RefusalLog
+from kvmcolo.wire import Channel, ChannelError, PeerLost, client_handshake, server_handshake
 
 log = logging.getLogger("kvmcolo.colo")
 
-HANDSHAKE_TIMEOUT = 10.0
+HANDSHAKE_TIMEOUT = 10.0  # the secondary's deadline for a whole handshake
+MAX_PENDING = 16  # handshakes in progress at once on the secondary
+ACCEPT_PAUSE_S = 0.2  # after accept() fails with nothing to free
+RETRY_FIRST_S, RETRY_MAX_S = 0.2, 1.0  # the primary's backoff between attempts
 
 
 def connect(peer: tuple[str, int], key: bytes, config: bytes, handshake_timeout: float,
             timeout: float = 60.0) -> Channel:  # fmt: skip
-    """The primary's side: connect (retrying until `timeout`), authenticate,
-    have `config` accepted.  UserError on any failure."""
+    """The primary's side: connect and authenticate, retrying with backoff
+    until `timeout` (the secondary may not be up yet, or may be busy with a
+    stranger's connection), then have `config` accepted.  A wrong key or
+    protocol is not retried.  UserError on any failure."""
     deadline = time.monotonic() + timeout
     addr = f"{peer[0]}:{peer[1]}"
+    pause = RETRY_FIRST_S
     while True:
+        sock = None
         try:
-            sock = socket.create_connection(peer, timeout=2)
+            sock = socket.create_connection(peer, timeout=min(2.0, max(0.1, deadline - time.monotonic())))
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            channel = client_handshake(sock, key, "primary", addr, handshake_timeout)
             break
+        except PeerLost as e:  # reached, but no handshake in time or the connection dropped: retry
+            sock.close()
+            problem = str(e)
+        except ChannelError as e:  # wrong key or protocol: retrying changes nothing
+            sock.close()
+            raise UserError(f"replication handshake with {addr} failed: {e}")
         except OSError as e:
-            if time.monotonic() > deadline:
-                raise UserError(f"cannot reach the secondary at {addr}: {e.strerror or e}")
-            time.sleep(0.2)  # retry pacing, not synchronisation
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return open_primary(sock, addr, key, config, handshake_timeout)
+            if sock is not None:
+                sock.close()
+            problem = e.strerror or str(e)
+        if time.monotonic() + pause > deadline:
+            raise UserError(f"cannot reach the secondary at {addr}: {problem}")
+        log.debug("secondary at %s: %s; retrying in %.1f s", addr, problem, pause)
+        time.sleep(pause)  # retry pacing, not synchronisation
+        pause = min(pause * 2, RETRY_MAX_S)
+    return _send_config(channel, addr, config)
 
 
 def open_primary(sock: socket.socket, addr: str, key: bytes, config: bytes, handshake_timeout: float) -> Channel:
@@ -52,10 +75,14 @@ def open_primary(sock: socket.socket, addr: str, key: bytes, config: bytes, hand
     except ChannelError as e:
         sock.close()
         raise UserError(f"replication handshake with {addr} failed: {e}")
+    return _send_config(channel, addr, config)
+
+
+def _send_config(channel: Channel, addr: str, config: bytes) -> Channel:
     channel.send(Msg.CONFIG, [config])
     mtype, payload = channel.recv()
     if mtype == Msg.CONFIG_REFUSED:
-        raise UserError(f"the secondary refused this VM: {bytes(payload).decode()}")
+        raise UserError(f"the secondary refused this VM: {bytes(payload).decode(errors='replace')}")
     if mtype != Msg.CONFIG_OK:
         raise UserError(f"the secondary answered {mtype} to CONFIG")
     log.info("connected to the secondary at %s", addr)
@@ -63,20 +90,82 @@ def open_primary(sock: socket.socket, addr: str, key: bytes, config: bytes, hand
 
 
 def accept(server: socket.socket, key: bytes, config: bytes) -> tuple[Channel, str]:
-    """The secondary's side: accept primaries until one authenticates, then
-    check its CONFIG against ours.  Returns the channel and the peer's
-    address; UserError (after telling the primary why) if it does not match."""
-    while True:
-        sock, addr = server.accept()
-        peer = f"{addr[0]}:{addr[1]}"
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    """The secondary's side: accept connections until one authenticates,
+    then check its CONFIG against ours.  Returns the channel and the peer's
+    address; UserError (after telling the primary why) if it does not match.
+
+    Handshakes run concurrently, each in its own thread with a deadline, so
+    an idle, trickling or garbage connection never keeps the real primary
+    waiting.  At most MAX_PENDING at once: a new connection beyond that ends
+    the oldest pending one."""
+    done: queue.SimpleQueue = queue.SimpleQueue()
+    wake_r, wake_w = socket.socketpair()
+    selector = selectors.DefaultSelector()
+    selector.register(server, selectors.EVENT_READ, "accept")
+    selector.register(wake_r, selectors.EVENT_READ, "done")
+    pending: dict[socket.socket, str] = {}  # in accept order: the first is the oldest
+    refusals = RefusalLog(log, "replication port")
+
+    def handshake(sock: socket.socket, peer: str) -> None:
         try:
-            channel = server_handshake(sock, key, "secondary", peer, HANDSHAKE_TIMEOUT)
+            result: Channel | ChannelError = server_handshake(sock, key, "secondary", peer, HANDSHAKE_TIMEOUT)
         except ChannelError as e:
-            log.warning("refused %s: %s", peer, e)  # nothing it sent is used
             sock.close()
-            continue
-        return check_config(channel, peer, config), peer
+            result = e
+        done.put((sock, peer, result))
+        try:
+            wake_w.send(b"x")
+        except OSError:
+            pass  # accept() has returned and closed its end: nothing waits for this one
+
+    try:
+        while True:
+            for event, _ in selector.select():
+                if event.data == "accept":
+                    _accept_one(server, pending, refusals, handshake)
+                    continue
+                wake_r.recv(4096)
+                while not done.empty():
+                    sock, peer, result = done.get()
+                    pending.pop(sock, None)
+                    if isinstance(result, Channel):
+                        refusals.flush()
+                        return check_config(result, peer, config), peer
+                    refusals.refused(peer, str(result))  # nothing it sent is used
+    finally:
+        for sock in pending:
+            _end(sock)  # its handshake thread fails at once and exits
+        selector.close()
+        wake_r.close()
+        wake_w.close()
+
+
+def _accept_one(server: socket.socket, pending: dict, refusals: RefusalLog, handshake) -> None:
+    try:
+        sock, addr = server.accept()
+    except OSError as e:  # out of descriptors (EMFILE): the oldest pending connection gives one back
+        refusals.refused("a connection", f"cannot accept it ({e.strerror or e})")
+        if pending:
+            _end(next(iter(pending)))
+        else:
+            time.sleep(ACCEPT_PAUSE_S)  # nothing to free: do not spin on the listening socket
+        return
+    if len(pending) >= MAX_PENDING:
+        oldest = next(iter(pending))
+        refusals.refused(pending.pop(oldest), f"{MAX_PENDING} handshakes pending; the oldest is ended")
+        _end(oldest)
+    peer = f"{addr[0]}:{addr[1]}"
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    pending[sock] = peer
+    threading.Thread(target=handshake, args=(sock, peer), name="handshake", daemon=True).start()
+
+
+def _end(sock: socket.socket) -> None:
+    """End a pending handshake from outside its thread (whose recv returns)."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
 def open_secondary(sock: socket.socket, peer: str, key: bytes, config: bytes) -> Channel:

@@ -24,6 +24,7 @@ from typing import Callable
 
 from kvmcolo import __version__, jsonsafe
 from kvmcolo.errors import UserError
+from kvmcolo.refusals import RefusalLog
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,9 @@ class ControlServer:
         self._stop_r, self._stop_w = os.pipe()
         self._selector.register(self._stop_r, selectors.EVENT_READ, "stop")
         self._buffers: dict[socket.socket, bytearray] = {}
+        self._out: dict[socket.socket, bytearray] = {}
         self._last_active: dict[socket.socket, float] = {}
+        self._refusals = RefusalLog(log, "control socket")
         self._accept_paused_until: float | None = None
         self._thread = threading.Thread(target=self._run, name="control", daemon=True)
 
@@ -105,6 +108,12 @@ class ControlServer:
             pass
 
     # ---- serving ------------------------------------------------------------
+    #
+    # One thread, non-blocking sockets.  Each client has an input buffer
+    # (partial lines) and an output buffer (replies the kernel would not take
+    # yet).  A client whose replies are waiting is not read from until it
+    # has taken them, so one that sends but never reads stalls only itself,
+    # and its buffers stay bounded; everyone else is served as before.
 
     def _run(self) -> None:
         while True:
@@ -115,11 +124,13 @@ class ControlServer:
                     self._accept_paused_until = None
                     self._selector.register(self._sock, selectors.EVENT_READ, None)
                     timeout = None
-            for key, _ in self._selector.select(timeout):
+            for key, mask in self._selector.select(timeout):
                 if key.data == "stop":
                     return
                 if key.data is None:
                     self._accept()
+                elif mask & selectors.EVENT_WRITE:
+                    self._writable(key.fileobj)
                 else:
                     self._read(key.fileobj)
 
@@ -132,23 +143,23 @@ class ControlServer:
             # Out of file descriptors (EMFILE/ENFILE) or memory.  The client
             # idle longest gives its descriptor back (the next select retries);
             # with none to give, stop watching the socket for a moment rather
-            # than spin on it.  One line either way, with the count.
+            # than spin on it.  Logged at most once per window, with a count.
             if self._last_active:
-                log.warning("control socket: cannot accept a connection (%s); disconnecting the longest-idle of "
-                            "%d clients", e.strerror or e, len(self._buffers))  # fmt: skip
+                self._refusals.refused("a connection", f"cannot accept it ({e.strerror or e}); disconnecting "
+                                       f"the longest-idle of {len(self._buffers)} clients")  # fmt: skip
                 self._drop(min(self._last_active, key=self._last_active.get))
                 return
-            log.warning("control socket: cannot accept a connection (%s); retrying in %.1f s",
-                        e.strerror or e, ACCEPT_PAUSE_S)  # fmt: skip
+            self._refusals.refused("a connection", f"cannot accept it ({e.strerror or e}); retrying in "
+                                   f"{ACCEPT_PAUSE_S:.1f} s")  # fmt: skip
             self._selector.unregister(self._sock)
             self._accept_paused_until = time.monotonic() + ACCEPT_PAUSE_S
             return
         if len(self._buffers) >= MAX_CLIENTS:
             # Full: the client idle longest makes room, so the operator always gets in.
             self._drop(min(self._last_active, key=self._last_active.get))
-        conn.setblocking(True)
-        conn.settimeout(10)
+        conn.setblocking(False)
         self._buffers[conn] = bytearray()
+        self._out[conn] = bytearray()
         self._last_active[conn] = time.monotonic()
         self._selector.register(conn, selectors.EVENT_READ, "conn")
         self._send(conn, {"kvmcolo": {"version": __version__, "pid": os.getpid()}})
@@ -158,6 +169,7 @@ class ControlServer:
             return  # already dropped (evicted earlier in the same round of events)
         self._selector.unregister(conn)
         self._buffers.pop(conn, None)
+        self._out.pop(conn, None)
         self._last_active.pop(conn, None)
         conn.close()
 
@@ -166,15 +178,21 @@ class ControlServer:
             return  # evicted earlier in the same round of events
         try:
             data = conn.recv(65536)
+        except BlockingIOError:
+            return
         except OSError:
             data = b""
         if not data:
             self._drop(conn)
             return
         self._last_active[conn] = time.monotonic()
+        self._buffers[conn] += data
+        self._answer(conn)
+
+    def _answer(self, conn: socket.socket) -> None:
+        """Answer the complete lines buffered for `conn`, until its replies back up."""
         buf = self._buffers[conn]
-        buf += data
-        while (nl := buf.find(b"\n")) >= 0:
+        while not self._out[conn] and (nl := buf.find(b"\n")) >= 0:
             line = bytes(buf[:nl])
             del buf[: nl + 1]
             if line.strip():
@@ -183,17 +201,33 @@ class ControlServer:
                     return
                 if quit_after:
                     quit_after()
-        if len(buf) > MAX_LINE:
+                    return
+        if len(buf) > MAX_LINE and buf.find(b"\n") < 0:
             self._send(conn, _error("InvalidRequest", "request line too long"))
             self._drop(conn)
 
     def _send(self, conn: socket.socket, obj: dict) -> bool:
+        """Queue a reply and send what the socket takes now; False if the client is gone."""
+        self._out[conn] += json.dumps(obj).encode() + b"\n"
+        return self._flush(conn)
+
+    def _flush(self, conn: socket.socket) -> bool:
+        out = self._out[conn]
         try:
-            conn.sendall(json.dumps(obj).encode() + b"\n")
-            return True
+            while out:
+                del out[: conn.send(out)]
+        except BlockingIOError:
+            pass
         except OSError:
             self._drop(conn)
             return False
+        # Waiting replies: watch for room to write instead of for requests.
+        self._selector.modify(conn, selectors.EVENT_WRITE if out else selectors.EVENT_READ, "conn")
+        return True
+
+    def _writable(self, conn: socket.socket) -> None:
+        if conn in self._out and self._flush(conn) and not self._out[conn]:
+            self._answer(conn)  # lines that arrived while its replies waited
 
     def handle_line(self, line: bytes) -> tuple[dict, Callable[[], None] | None]:
         """One request line to one reply (and, for quit, what to do after replying)."""

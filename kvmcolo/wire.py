@@ -212,31 +212,52 @@ _PROOF = 0xFFF1
 _PLAIN = struct.Struct("<HI")
 
 
-def _send_plain(sock: socket.socket, mtype: int, obj: dict) -> None:
+# The whole handshake has one deadline (not a timeout per read), so a peer
+# trickling a byte at a time cannot hold a handshake open for longer.
+
+
+def _remaining(deadline: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise PeerLost("handshake not completed in time")
+    return left
+
+
+def _send_plain(sock: socket.socket, mtype: int, obj: dict, deadline: float) -> None:
     body = json.dumps(obj).encode()
-    sock.sendall(_PLAIN.pack(mtype, len(body)) + body)
+    sock.settimeout(_remaining(deadline))
+    try:
+        sock.sendall(_PLAIN.pack(mtype, len(body)) + body)
+    except (TimeoutError, socket.timeout):
+        raise PeerLost("handshake not completed in time")
+    except OSError as e:
+        raise PeerLost(f"handshake failed: {e.strerror or e}")
 
 
-def _recv_plain(sock: socket.socket, expected: int) -> dict:
-    head = _read(sock, _PLAIN.size)
+def _recv_plain(sock: socket.socket, expected: int, deadline: float) -> dict:
+    head = _read(sock, _PLAIN.size, deadline)
     mtype, length = _PLAIN.unpack(head)
     if mtype != expected or length > HANDSHAKE_LIMIT:
         raise AuthenticationError("peer does not speak the kvmcolo replication protocol")
     try:
-        return jsonsafe.loads(_read(sock, length))
+        body = jsonsafe.loads(_read(sock, length, deadline))
     except ValueError:
         raise AuthenticationError("malformed handshake")
+    if not isinstance(body, dict):
+        raise AuthenticationError("malformed handshake")
+    return body
 
 
-def _read(sock: socket.socket, n: int) -> bytes:
+def _read(sock: socket.socket, n: int, deadline: float) -> bytes:
     buf = bytearray()
     while len(buf) < n:
+        sock.settimeout(_remaining(deadline))
         try:
             chunk = sock.recv(n - len(buf))
         except (TimeoutError, socket.timeout):
-            raise PeerLost("handshake timed out")
+            raise PeerLost("handshake not completed in time")
         except OSError as e:
-            raise PeerLost(f"handshake failed: {e}")
+            raise PeerLost(f"handshake failed: {e.strerror or e}")
         if not chunk:
             raise PeerLost("peer closed the connection during the handshake")
         buf += chunk
@@ -248,10 +269,12 @@ def _session(key: bytes, nc: bytes, ns: bytes) -> tuple[bytes, bytes]:
 
 
 def client_handshake(sock: socket.socket, key: bytes, role: str, peer: str, timeout: float) -> Channel:
-    sock.settimeout(timeout)
+    """The connecting side.  `timeout`: the whole handshake's deadline, and
+    the channel's receive timeout after it."""
+    deadline = time.monotonic() + timeout
     nc = os.urandom(32)
-    _send_plain(sock, _HELLO, {"version": PROTOCOL_VERSION, "role": role, "nonce": nc.hex()})
-    hello = _recv_plain(sock, _HELLO)
+    _send_plain(sock, _HELLO, {"version": PROTOCOL_VERSION, "role": role, "nonce": nc.hex()}, deadline)
+    hello = _recv_plain(sock, _HELLO, deadline)
     try:
         ns = bytes.fromhex(hello["nonce"])
         proof = bytes.fromhex(hello["proof"])
@@ -261,22 +284,23 @@ def client_handshake(sock: socket.socket, key: bytes, role: str, peer: str, time
         raise AuthenticationError(f"{peer} does not know the shared key")
     if hello.get("version") != PROTOCOL_VERSION:
         raise ChannelError(f"{peer} speaks replication protocol {hello.get('version')}, we speak {PROTOCOL_VERSION}")
-    _send_plain(sock, _PROOF, {"proof": _mac(key, b"client", nc, ns).hex()})
+    _send_plain(sock, _PROOF, {"proof": _mac(key, b"client", nc, ns).hex()}, deadline)
     c2s, s2c = _session(key, nc, ns)
     return Channel(sock, c2s, s2c, peer, timeout)
 
 
 def server_handshake(sock: socket.socket, key: bytes, role: str, peer: str, timeout: float) -> Channel:
-    sock.settimeout(timeout)
-    hello = _recv_plain(sock, _HELLO)
+    """The accepting side; `timeout` as for client_handshake."""
+    deadline = time.monotonic() + timeout
+    hello = _recv_plain(sock, _HELLO, deadline)
     try:
         nc = bytes.fromhex(hello["nonce"])
     except (KeyError, ValueError, TypeError):
         raise AuthenticationError(f"{peer} sent a malformed handshake")
     ns = os.urandom(32)
     _send_plain(sock, _HELLO, {"version": PROTOCOL_VERSION, "role": role, "nonce": ns.hex(),
-                               "proof": _mac(key, b"server", nc, ns).hex()})  # fmt: skip
-    proof = _recv_plain(sock, _PROOF)
+                               "proof": _mac(key, b"server", nc, ns).hex()}, deadline)  # fmt: skip
+    proof = _recv_plain(sock, _PROOF, deadline)
     try:
         ok = hmac.compare_digest(bytes.fromhex(proof["proof"]), _mac(key, b"client", nc, ns))
     except (KeyError, ValueError, TypeError):

@@ -1,8 +1,9 @@
-"""Input from strangers and careless users (issue 12, first classes): deep
-JSON before authentication and on the control socket, numbers that would
-break later, files kvmcolo must not touch, a truncated kernel, a triple
-fault.  Each gets a refusal — one line and exit 2 on the command line —
-and the server keeps serving."""
+"""Input from strangers and careless users (issue 12): deep JSON before
+authentication and on the control socket, slow and idle peers, exhausted
+descriptors, numbers that would break later, files kvmcolo must not touch,
+a truncated kernel, a triple fault.  Each gets a refusal — one line and
+exit 2 on the command line — and the server keeps serving the real peer and
+the operator.  (The fuzzing of every parser is in test_fuzz.py.)"""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import threading
 
 import pytest
 
-from conftest import kvmcolo_cmd
+from conftest import kvmcolo_cmd, wait_until
 from kvmcolo import control, jsonsafe, wire
 from kvmcolo.control import ControlServer
 
@@ -65,8 +66,11 @@ def test_status_at_a_socket_that_is_not_kvmcolo_is_one_line(tmp_path):
     srv.listen(4)
 
     def serve():
-        for _ in range(2):
-            c, _ = srv.accept()
+        while True:
+            try:
+                c, _ = srv.accept()
+            except OSError:
+                return  # the test closed the listener
             c.sendall(b"220 some other service\r\n")
             c.close()
 
@@ -263,4 +267,161 @@ def test_control_socket_keeps_serving_when_out_of_file_descriptors(tmp_path):
         proc.stdin.close()
         proc.wait(10)
     stderr = proc.stderr.read()
-    assert "cannot accept a connection" in stderr and "Traceback" not in stderr
+    assert "cannot accept it" in stderr and "Traceback" not in stderr
+
+
+# ---- one slow peer starves no one (class 2) ------------------------------------------------
+
+
+def test_a_trickling_handshake_ends_at_its_deadline():
+    """A byte every 0.3 s kept a per-read timeout happy forever; the handshake's
+    single deadline ends it."""
+    a, b = socket.socketpair()
+    stop = threading.Event()
+
+    def trickle():
+        hello = struct.pack("<HI", 0xFFF0, 200) + b" " * 200
+        for byte in hello:
+            if stop.wait(0.3):
+                return
+            try:
+                a.send(bytes([byte]))
+            except OSError:
+                return
+
+    t = threading.Thread(target=trickle, daemon=True)
+    t.start()
+    try:
+        with pytest.raises(wire.PeerLost, match="not completed in time"):
+            wire.server_handshake(b, b"k" * 32, "secondary", "trickler", 1.5)
+    finally:
+        stop.set()
+        a.close()
+        b.close()
+
+
+def test_secondary_pairs_despite_idle_trickling_and_garbage_connections(images, tmp_path):
+    """Strangers hold the replication port before the real primary comes:
+    one idle connection, one trickling a byte a second, and 40 sending
+    garbage.  The primary still pairs, and the refusals are counted rather
+    than logged one line each."""
+    from colo_pair import ADDR_B, PORT, ColoPair
+    from test_colo import DIRTY, VM
+
+    pair = ColoPair(tmp_path, VM, DIRTY, start=False)
+    strangers = []
+    stop = threading.Event()
+    try:
+        pair.start_secondary(VM)
+        with pair.a.entered():
+            idle = socket.create_connection((ADDR_B, PORT))
+            trickler = socket.create_connection((ADDR_B, PORT))
+            strangers += [idle, trickler]
+            for i in range(40):
+                s = socket.create_connection((ADDR_B, PORT))
+                s.sendall(os.urandom(64) if i % 2 else b"GET / HTTP/1.0\r\n\r\n")
+                strangers.append(s)
+
+        def trickle():
+            while not stop.wait(1.0):
+                try:
+                    trickler.send(b"\xf0")
+                except OSError:
+                    return
+
+        threading.Thread(target=trickle, daemon=True).start()
+        wait_until(lambda: any("refused" in line for line in pair.secondary.stderr_lines), "garbage refused")
+        pair.start_primary(VM, DIRTY)  # waits for its control socket and two checkpoints
+        assert pair.primary.proc.poll() is None
+        refusals = [line for line in pair.secondary.stderr_lines if "replication port: refused" in line]
+        assert 1 <= len(refusals) <= 3, refusals  # not 40 lines
+        assert any("more connection(s)" in line for line in pair.secondary.stderr_lines)
+        assert not any("Traceback" in line for line in pair.secondary.stderr_lines)
+    finally:
+        stop.set()
+        for s in strangers:
+            s.close()
+        pair.close()
+
+
+def test_primary_retries_a_secondary_that_does_not_answer_in_time(tmp_path):
+    """A secondary busy past the primary's handshake deadline on the first
+    attempt: the primary retries (with backoff) and pairs on a later one."""
+    from kvmcolo import colo_link
+
+    key = b"a shared key of enough bytes"
+    server = socket.create_server(("127.0.0.1", 0))
+    attempts = []
+
+    def secondary():
+        first, _ = server.accept()  # accepted, never answered: the primary's deadline passes
+        attempts.append(first)
+        conn, _ = server.accept()
+        attempts.append(conn)
+        ch = wire.server_handshake(conn, key, "secondary", "primary", 5)
+        assert ch.recv()[0] == colo_link.Msg.CONFIG
+        ch.send(colo_link.Msg.CONFIG_OK)
+
+    t = threading.Thread(target=secondary, daemon=True)
+    t.start()
+    try:
+        channel = colo_link.connect(server.getsockname(), key, b"{}", handshake_timeout=0.5, timeout=20)
+        channel.close()
+        assert len(attempts) == 2
+    finally:
+        for s in attempts:
+            s.close()
+        server.close()
+        t.join(5)
+
+
+def test_control_socket_answers_with_a_thousand_idle_a_non_reading_and_a_deep_client(tmp_path):
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 2048:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (2048, max(hard, 2048)))  # root may raise it; CI runs as root
+    server = ControlServer(str(tmp_path / "c.sock"), {"query-status": lambda: {"status": "running"}})
+    server.start()
+    clients = []
+    stop = threading.Event()
+    try:
+        hog = socket.socket(socket.AF_UNIX)  # sends requests as fast as it can and never reads a reply
+        hog.connect(server.path)
+        clients.append(hog)
+
+        def flood():
+            line = b'{"execute": "query-status"}\n' * 1000
+            while not stop.is_set():
+                try:
+                    hog.send(line)
+                except OSError:
+                    return
+
+        threading.Thread(target=flood, daemon=True).start()
+        deep = socket.socket(socket.AF_UNIX)  # half a deep line, still arriving
+        deep.connect(server.path)
+        deep.sendall(b"[" * 500_000)
+        clients.append(deep)
+        wait_until(lambda: _unread(hog) > 4096, "the non-reading client's replies back up")  # over 100 unread
+        for _ in range(5):  # each within its deadline, not after a 10 s wait on the hog
+            assert control.call(server.path, "query-status", timeout=3) == {"status": "running"}
+        for _ in range(1000):  # then a thousand idle clients on top
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(server.path)
+            clients.append(s)
+        for _ in range(5):
+            assert control.call(server.path, "query-status", timeout=3) == {"status": "running"}
+    finally:
+        stop.set()
+        for s in clients:
+            s.close()
+        server.close()
+
+
+def _unread(sock: socket.socket) -> int:
+    """Bytes waiting in the socket's receive queue (FIONREAD)."""
+    import fcntl
+    import termios
+
+    return struct.unpack("i", fcntl.ioctl(sock, termios.FIONREAD, b"\0\0\0\0"))[0]
