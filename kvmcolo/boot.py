@@ -82,38 +82,52 @@ def read_pvh_image(path: str) -> PvhImage:
     except OSError as e:
         raise UserError(f"cannot read kernel {path!r}: {e.strerror}")
     with f:
-        file_size = os.fstat(f.fileno()).st_size
         try:
-            elf = ELFFile(f)
-        except ELFError:
-            raise UserError(f"kernel {path!r} is not an ELF file")
-        if elf["e_machine"] not in ("EM_X86_64", "EM_386"):
-            raise UserError(f"kernel {path!r} is an ELF for {elf['e_machine']}, not x86")
-        entry = None
-        segments = []
-        try:
-            for seg in elf.iter_segments():
-                if seg["p_type"] == "PT_NOTE":
-                    for note in seg.iter_notes():
-                        if note["n_name"] == "Xen" and note["n_type"] == XEN_ELFNOTE_PHYS32_ENTRY:
-                            desc = note["n_desc"]
-                            if isinstance(desc, str):
-                                desc = desc.encode("latin-1")
-                            entry = int.from_bytes(desc[:8], "little") & 0xFFFFFFFF
-                elif seg["p_type"] == "PT_LOAD" and seg["p_memsz"] > 0:
-                    if seg["p_filesz"] > seg["p_memsz"]:
-                        raise UserError(f"kernel {path!r} has a segment larger on file than in memory")
-                    if seg["p_offset"] + seg["p_filesz"] > file_size:
-                        raise UserError(f"kernel {path!r} is truncated: a segment ends at byte "
-                                        f"{seg['p_offset'] + seg['p_filesz']}, the file has {file_size}")  # fmt: skip
-                    segments.append(Segment(seg["p_paddr"], seg.data(), seg["p_memsz"]))
-        except ELFError as e:
-            raise UserError(f"kernel {path!r} is a damaged ELF file: {e}")
+            entry, segments = _pvh_segments(f, path)
+        except UserError:
+            raise
+        except _DAMAGED_ELF as e:
+            # pyelftools on a damaged file fails in many ways (a seek before
+            # the start, a short struct, a bad index): all mean the same.
+            raise UserError(f"kernel {path!r} is a damaged ELF file ({type(e).__name__}: {e})")
     if entry is None:
         raise UserError(f"kernel {path!r} has no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY): not a PVH kernel")
     if not segments:
         raise UserError(f"kernel {path!r} has nothing to load")
     return PvhImage(path, entry, segments)
+
+
+# What pyelftools raises on a damaged file, besides its own ELFError.
+_DAMAGED_ELF = (ELFError, OSError, struct.error, ValueError, KeyError, IndexError, TypeError, AttributeError)
+
+
+def _pvh_segments(f, path: str) -> tuple[int | None, list[Segment]]:
+    """The PVH entry point (from the Xen PHYS32_ENTRY note) and the loadable segments."""
+    file_size = os.fstat(f.fileno()).st_size
+    try:
+        elf = ELFFile(f)
+    except ELFError:
+        raise UserError(f"kernel {path!r} is not an ELF file")
+    if elf["e_machine"] not in ("EM_X86_64", "EM_386"):
+        raise UserError(f"kernel {path!r} is an ELF for {elf['e_machine']}, not x86")
+    entry = None
+    segments = []
+    for seg in elf.iter_segments():
+        if seg["p_type"] == "PT_NOTE":
+            for note in seg.iter_notes():
+                if note["n_name"] == "Xen" and note["n_type"] == XEN_ELFNOTE_PHYS32_ENTRY:
+                    desc = note["n_desc"]
+                    if isinstance(desc, str):
+                        desc = desc.encode("latin-1")
+                    entry = int.from_bytes(desc[:8], "little") & 0xFFFFFFFF
+        elif seg["p_type"] == "PT_LOAD" and seg["p_memsz"] > 0:
+            if seg["p_filesz"] > seg["p_memsz"]:
+                raise UserError(f"kernel {path!r} has a segment larger on file than in memory")
+            if seg["p_offset"] + seg["p_filesz"] > file_size:
+                raise UserError(f"kernel {path!r} is truncated: a segment ends at byte "
+                                f"{seg['p_offset'] + seg['p_filesz']}, the file has {file_size}")  # fmt: skip
+            segments.append(Segment(seg["p_paddr"], seg.data(), seg["p_memsz"]))
+    return entry, segments
 
 
 def _overlaps(a0: int, a1: int, b0: int, b1: int) -> bool:

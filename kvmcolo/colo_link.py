@@ -85,8 +85,17 @@ def _send_config(channel: Channel, addr: str, config: bytes) -> Channel:
         raise UserError(f"the secondary refused this VM: {bytes(payload).decode(errors='replace')}")
     if mtype != Msg.CONFIG_OK:
         raise UserError(f"the secondary answered {mtype} to CONFIG")
+    channel.max_payload = payload_limit(json.loads(config)["machine"]["mem_size"])
     log.info("connected to the secondary at %s", addr)
     return channel
+
+
+def payload_limit(mem_size: int) -> int:
+    """The largest frame a pair for this machine sends: a full copy of its
+    RAM with its page lists (4 bytes a page) and the vCPU, VM and device
+    state, with room to spare.  A frame claiming more is a broken peer, not
+    a reason to allocate."""
+    return mem_size + mem_size // 1024 + (64 << 20)
 
 
 def accept(server: socket.socket, key: bytes, config: bytes) -> tuple[Channel, str]:
@@ -187,6 +196,7 @@ def check_config(channel: Channel, peer: str, config: bytes) -> Channel:
         channel.close()
         raise UserError(f"refused the primary at {peer}: {problem}")
     channel.send(Msg.CONFIG_OK)
+    channel.max_payload = payload_limit(json.loads(config)["machine"]["mem_size"])
     return channel
 
 

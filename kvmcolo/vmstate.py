@@ -131,7 +131,10 @@ def unpack_blobs(payload) -> dict[str, bytes]:
         at += _BLOB.size
         if at + nlen + dlen > len(view):
             raise sections.StateFormatError("truncated blob")
-        name = bytes(view[at : at + nlen]).decode()
+        try:
+            name = bytes(view[at : at + nlen]).decode()
+        except UnicodeDecodeError:
+            raise sections.StateFormatError("a blob name is not UTF-8")
         out[name] = bytes(view[at + nlen : at + nlen + dlen])
         at += nlen + dlen
     return out
@@ -307,6 +310,16 @@ class Snapshot:
         return sum(part.count for part in self.ram)
 
 
+# What the code reading a state stream's META relies on (jsonsafe.check_shape).
+_META_SHAPE = {
+    "state_version": int, "kind": str, "id": str, "parent": (str, type(None)),
+    "machine": {"mem_size": int, "cpus": int, "ioeventfd": bool,
+                "disks": [{"path": str, "readonly": bool, "size": int}],
+                "nets": [{"tap": str, "mac": str, "bridge": (str, type(None))}]},
+    "host": {"xsave_size": int, "msrs": [int], "cpuid": {str: [int]}},
+}  # fmt: skip
+
+
 def parse(data) -> Snapshot:
     """Decode and check a whole state stream (nothing is applied here)."""
     secs = sections.decode(data, KNOWN_SECTIONS)
@@ -319,10 +332,15 @@ def parse(data) -> Snapshot:
     try:
         meta = jsonsafe.loads(bytes(by_tag[b"META"][0]))
         devices = jsonsafe.loads(bytes(by_tag[b"DEVS"][0]))
-    except ValueError as e:
+        jsonsafe.check_shape(meta, {"state_version": int})
+        if meta["state_version"] != STATE_VERSION:
+            raise sections.StateFormatError(f"state version {meta['state_version']} is not supported")
+        jsonsafe.check_shape(meta, _META_SHAPE)
+        jsonsafe.check_shape(devices, {str: object}, "devices")
+    except jsonsafe.JSONRefused as e:
         raise sections.StateFormatError(f"bad metadata: {e}")
-    if meta.get("state_version") != STATE_VERSION:
-        raise sections.StateFormatError(f"state version {meta.get('state_version')} is not supported")
+    if meta["kind"] not in (KIND_FULL, KIND_INCREMENTAL) or meta["machine"]["cpus"] < 1:
+        raise sections.StateFormatError(f"bad metadata: kind {meta['kind']!r}, {meta['machine']['cpus']} vCPUs")
     vcpus = [unpack_blobs(p) for p in by_tag.get(b"VCPU", [])]
     if len(vcpus) != meta["machine"]["cpus"]:
         raise sections.StateFormatError(f"{len(vcpus)} vCPU sections for {meta['machine']['cpus']} vCPUs")

@@ -14,12 +14,17 @@ Each direction then gets its own session key, HMAC(K, "c2s"|nonces) and
 HMAC(K, "s2c"|nonces), so a frame cannot be reflected back at its sender.
 
 Frame:  type u16 | flags u16 | reserved u32 | seq u64 | length u64   (24 bytes)
+        header tag = HMAC-SHA256(session key, "H" | header)[:16]   (16 bytes)
         payload (length bytes)
         tag = HMAC-SHA256(session key, header | payload)              (32 bytes)
 
-`seq` counts frames per direction from 0: a replayed, dropped or reordered
-frame fails the check.  A frame with a bad tag is never handed to the caller:
-recv() raises AuthenticationError, and the caller drops the connection.
+The header has its own tag so that its length is authenticated before the
+receiver allocates or waits for that many bytes: a forged header injected
+into the stream (claiming 64 GiB, say) is refused at once, not after an
+allocation.  `seq` counts frames per direction from 0: a replayed, dropped
+or reordered frame fails the check.  A frame with a bad tag is never handed
+to the caller: recv() raises AuthenticationError, and the caller drops the
+connection.
 Payloads are sent with sendmsg() straight from their buffers and received
 with recv_into() into a reusable buffer (no per-frame copies).
 """
@@ -40,12 +45,16 @@ from kvmcolo.buffers import consume, split_views
 from kvmcolo.errors import UserError
 from kvmcolo.files import open_regular
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: the frame header has its own tag
 MIN_KEY_BYTES = 16
 _FRAME = struct.Struct("<HHIQQ")
+HEADER_TAG_BYTES = 16
 TAG_BYTES = 32
 HANDSHAKE_LIMIT = 4096
-MAX_PAYLOAD = 64 << 30  # anything larger is not a frame of ours
+# The largest payload a channel accepts until told otherwise (the CONFIG
+# exchange is small); once the machine is agreed, the link raises it to what
+# a full copy of that machine can need (colo_link.payload_limit).
+DEFAULT_MAX_PAYLOAD = 1 << 20
 PROGRESS_CHUNK = 1 << 20
 
 
@@ -85,6 +94,13 @@ def load_key(path: str) -> bytes:
     return key
 
 
+FRAME_OVERHEAD = _FRAME.size + HEADER_TAG_BYTES + TAG_BYTES
+
+
+def _header_tag(key: bytes, header: bytes) -> bytes:
+    return hmac.new(key, b"H" + header, hashlib.sha256).digest()[:HEADER_TAG_BYTES]
+
+
 def _mac(key: bytes, *parts: bytes) -> bytes:
     return hmac.new(key, b"|".join(parts), hashlib.sha256).digest()
 
@@ -100,10 +116,11 @@ class Channel:
         self._send_seq = 0
         self._recv_seq = 0
         self._send_lock = threading.Lock()
-        self._header = bytearray(_FRAME.size)
+        self._header = bytearray(_FRAME.size + HEADER_TAG_BYTES)
         self._tag = bytearray(TAG_BYTES)
         self._buffer = bytearray(1 << 16)
         self.timeout = timeout
+        self.max_payload = DEFAULT_MAX_PAYLOAD
         self.last_received = time.monotonic()
         self.last_sent = time.monotonic()
         self.bytes_sent = 0
@@ -125,7 +142,7 @@ class Channel:
             for p in parts:
                 mac.update(p)
             try:
-                frame = [header, *parts, mac.digest()]
+                frame = [header, _header_tag(self._send_key, header), *parts, mac.digest()]
                 if stall_midway:
                     first, rest = split_views(frame, (length + _FRAME.size) // 2)
                     self._sendall(first, length, progress)
@@ -138,7 +155,7 @@ class Channel:
                 raise PeerLost(f"sending to {self.peer} failed: {e}") from e
             self._send_seq += 1
             self.last_sent = time.monotonic()
-            self.bytes_sent += length + _FRAME.size + TAG_BYTES
+            self.bytes_sent += length + FRAME_OVERHEAD
 
     def _sendall(self, views: list[memoryview], total: int, progress) -> None:
         """sendmsg until everything is out.  With a progress callback, at most
@@ -180,15 +197,19 @@ class Channel:
     def recv(self) -> tuple[int, memoryview]:
         """The next frame, verified.  The payload view is valid until the next recv()."""
         self._recv_exactly(memoryview(self._header))
-        mtype, _, _, seq, length = _FRAME.unpack(self._header)
-        if length > MAX_PAYLOAD:
-            raise AuthenticationError(f"frame from {self.peer} claims {length} bytes")
+        header = bytes(self._header[: _FRAME.size])
+        if not hmac.compare_digest(_header_tag(self._recv_key, header), bytes(self._header[_FRAME.size :])):
+            raise AuthenticationError(f"a frame header from {self.peer} failed authentication (forged or damaged)")
+        mtype, _, _, seq, length = _FRAME.unpack(header)
+        if length > self.max_payload:
+            raise ChannelError(f"frame from {self.peer} claims {length} bytes; this link carries at most "
+                               f"{self.max_payload}")  # fmt: skip
         if len(self._buffer) < length:
             self._buffer = bytearray(length)
         payload = memoryview(self._buffer)[:length]
         self._recv_exactly(payload)
         self._recv_exactly(memoryview(self._tag))
-        mac = hmac.new(self._recv_key, bytes(self._header), hashlib.sha256)
+        mac = hmac.new(self._recv_key, header, hashlib.sha256)
         mac.update(payload)
         if not hmac.compare_digest(mac.digest(), bytes(self._tag)):
             raise AuthenticationError(f"frame {seq} from {self.peer} failed authentication (forged or damaged)")

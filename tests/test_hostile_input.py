@@ -365,7 +365,8 @@ def test_primary_retries_a_secondary_that_does_not_answer_in_time(tmp_path):
     t = threading.Thread(target=secondary, daemon=True)
     t.start()
     try:
-        channel = colo_link.connect(server.getsockname(), key, b"{}", handshake_timeout=0.5, timeout=20)
+        config = json.dumps({"machine": {"mem_size": 64 << 20}}).encode()
+        channel = colo_link.connect(server.getsockname(), key, config, handshake_timeout=0.5, timeout=20)
         channel.close()
         assert len(attempts) == 2
     finally:
@@ -425,3 +426,53 @@ def _unread(sock: socket.socket) -> int:
     import termios
 
     return struct.unpack("i", fcntl.ioctl(sock, termios.FIONREAD, b"\0\0\0\0"))[0]
+
+
+# ---- sizes are trusted only once authenticated (class 3) ------------------------------------
+
+
+def test_a_forged_frame_header_is_refused_before_its_length_is_used():
+    """A header injected into an authenticated stream claims 60 GiB: refused
+    on its header tag, with nothing allocated or waited for."""
+    a, b = socket.socketpair()
+    with a, b:
+        channel = wire.Channel(b, b"s" * 32, b"r" * 32, "peer", 5)
+        a.sendall(struct.pack("<HHIQQ", 3, 0, 0, 0, 60 << 30) + b"\0" * wire.HEADER_TAG_BYTES)
+        with pytest.raises(wire.AuthenticationError, match="frame header from peer failed authentication"):
+            channel.recv()
+
+
+def test_an_authenticated_frame_larger_than_the_link_carries_is_refused():
+    a, b = socket.socketpair()
+    with a, b:
+        sender = wire.Channel(a, b"k" * 32, b"x" * 32, "us", 5)
+        receiver = wire.Channel(b, b"x" * 32, b"k" * 32, "peer", 5)
+        receiver.max_payload = 1000
+        header = struct.pack("<HHIQQ", 3, 0, 0, 0, 38 << 30)  # a peer with the key, lying about the length
+        a.sendall(header + wire._header_tag(b"k" * 32, header))
+        with pytest.raises(wire.ChannelError, match="carries at most 1000"):
+            receiver.recv()
+        sender.close()
+
+
+def test_state_metadata_of_the_wrong_shape_is_a_format_error():
+    from kvmcolo import sections, vmstate
+
+    def stream(meta) -> bytes:
+        secs = [sections.Section(b"META", 1, json.dumps(meta).encode()), sections.Section(b"VMST", 1, b""),
+                sections.Section(b"DEVS", 1, b"{}"), sections.Section(b"RAM ", 1, struct.pack("<I", 0))]  # fmt: skip
+        return b"".join(bytes(p) for p in sections.encode(secs))
+
+    for meta in ([1], {"state_version": 1}, {"state_version": "1"},
+                 {"state_version": 1, "kind": "full", "id": "x", "parent": None, "host": {},
+                  "machine": {"mem_size": True, "cpus": 1, "ioeventfd": False, "disks": [], "nets": []}}):  # fmt: skip
+        with pytest.raises(sections.StateFormatError):
+            vmstate.parse(stream(meta))
+
+
+def test_check_shape():
+    jsonsafe.check_shape({"a": [1, 2], "b": {"x": "y"}, "extra": 0}, {"a": [int], "b": {str: str}})
+    for value, shape in (({"a": ["1"]}, {"a": [int]}), ({}, {"a": int}), ({"a": True}, {"a": int}),
+                         ([], {"a": int}), ({"a": {"x": 1}}, {"a": {str: str}})):  # fmt: skip
+        with pytest.raises(jsonsafe.JSONRefused):
+            jsonsafe.check_shape(value, shape)
