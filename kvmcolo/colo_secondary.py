@@ -188,12 +188,12 @@ class ColoSecondary:
                 log.error("checkpoint rejected: %s; nothing of it was applied", e)
                 self.fail_over(f"authentication failed: {e}")
                 return
-            except (ChannelError, ValueError) as e:
-                self.fail_over(str(e))
-                return
-            except sections.StateFormatError as e:
+            except sections.StateFormatError as e:  # (a ValueError: before the clause below)
                 log.error("checkpoint %d rejected: %s; nothing of it was applied", self._seq + 1, e)
                 self.fail_over(f"corrupt checkpoint: {e}")
+                return
+            except (ChannelError, ValueError) as e:
+                self.fail_over(str(e))
                 return
             except ProtocolError as e:
                 self.fail_over(f"protocol error: {e}")
