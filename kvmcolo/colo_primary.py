@@ -339,7 +339,7 @@ class ColoPrimary:
         cp.size = sections.encoded_size(cp.parts)
         cp.pages = cap.dirty_pages
         if self.options.verify_every and cp.seq % self.options.verify_every == 0:
-            self.status.keep_hashes(cp.seq, {**vmstate.state_hashes(m, self.host), **self.disks.hashes()})
+            self.status.keep_hashes(cp.seq, {**vmstate.state_hashes(m, self.host, cap), **self.disks.hashes()})
 
     def _stall_marker(self, sent: int, total: int) -> None:
         if sent < 0:

@@ -260,11 +260,17 @@ def _nonzero_pages(machine, dirty: list[RegionDirty]) -> list[RegionDirty]:
 _TIME_DEPENDENT_MSRS = {0x10}
 _LAPIC_TIMER_CURRENT_COUNT = 0x390
 _LAPIC_IRR = range(0x200, 0x280)
+# Hashed apart so that a mismatch says where (the rest is "lapic.other").
+_LAPIC_PARTS = {"isr": slice(0x100, 0x180), "tmr": slice(0x180, 0x200), "icr": slice(0x300, 0x320),
+                "lvt": slice(0x320, 0x380), "timer": slice(0x380, 0x400)}  # fmt: skip
 
 
-def state_hashes(machine, host: HostCaps) -> dict[str, str]:
+def state_hashes(machine, host: HostCaps, captured: Captured | None = None) -> dict[str, str]:
     """Hashes of every piece of state that does not move with time (guest
-    paused): RAM per region, VM interrupt controllers, each vCPU piece."""
+    paused): RAM per region, VM interrupt controllers, each vCPU piece.
+    `captured`: hash the VM and vCPU state of that capture rather than read
+    them again (a timer or an irqfd can change an interrupt controller
+    between two reads of a held guest; what was sent is what counts)."""
     import hashlib
 
     def h(data) -> str:
@@ -273,23 +279,31 @@ def state_hashes(machine, host: HostCaps) -> dict[str, str]:
     out = {}
     for r in machine.vm.memory.regions:
         out[f"ram.{r.slot}"] = h(r.view)
-    vm_state = machine.vm.save_state()
+    if captured is not None:
+        vm_state = unpack_blobs(next(c.payload for c in captured.sections if c.tag == b"VMST"))
+        vcpu_states = [unpack_blobs(c.payload) for c in captured.sections if c.tag == b"VCPU"]
+    else:
+        vm_state = machine.vm.save_state()
+        vcpu_states = [v.save_state(host.msrs, host.xsave_size) for v in machine.vm.vcpus]
     for name in ("pic_master", "pic_slave", "ioapic"):
         out[f"vm.{name}"] = h(vm_state[name])
     entry = ffi.sizeof("struct kvm_msr_entry")
-    for v in machine.vm.vcpus:
-        state = v.save_state(host.msrs, host.xsave_size)
+    for index, state in enumerate(vcpu_states):
+        state = dict(state)
         lapic = bytearray(state.pop("lapic"))
         lapic[_LAPIC_TIMER_CURRENT_COUNT : _LAPIC_TIMER_CURRENT_COUNT + 4] = bytes(4)
         lapic[_LAPIC_IRR.start : _LAPIC_IRR.stop] = bytes(len(_LAPIC_IRR))
-        state["lapic"] = bytes(lapic)
+        for part, where in _LAPIC_PARTS.items():  # a difference names its registers
+            state[f"lapic.{part}"] = bytes(lapic[where])
+            lapic[where] = bytes(len(lapic[where]))
+        state["lapic.other"] = bytes(lapic)
         msrs = state.pop("msrs")
         kept = b"".join(msrs[i : i + entry] for i in range(0, len(msrs), entry)
                         if int.from_bytes(msrs[i : i + 4], "little") not in _TIME_DEPENDENT_MSRS)  # fmt: skip
         state["msrs"] = kept
         state["xsave"] = xsave.canonical(state["xsave"], host.xsave_layout)
         for name, blob in state.items():
-            out[f"vcpu{v.index}.{name}"] = h(blob)
+            out[f"vcpu{index}.{name}"] = h(blob)
     out["devices"] = h(json.dumps(machine.save_devices(), sort_keys=True).encode())
     return out
 
