@@ -78,12 +78,15 @@ def kvmcolo_command() -> list[str]:
 
 
 def boot_args(side: str, key_file: str, control: str, extra: Sequence[str] = (), guest_args: Sequence[str] = (),
-              mem: str | None = None, exe: Sequence[str] | None = None) -> list[str]:  # fmt: skip
+              mem: str | None = None, exe: Sequence[str] | None = None,
+              guest: Sequence[str] | None = None) -> list[str]:  # fmt: skip
     """The `kvmcolo boot` argv for host A (the primary) or host B (the
     secondary) of the lab, running the built-in netsrv guest at GUEST_ADDR.
     Run it inside that host's namespace (`lab.host_a.cmd(*argv)`).  `extra`
     goes before the VM options, `guest_args` after `--` (primary only: the
-    secondary gets its guest from the primary)."""
+    secondary gets its guest from the primary).  `guest`: other VM options
+    instead of netsrv's (a kernel, its disk and command line, which must
+    configure GUEST_ADDR itself); the lab's NIC is added to them."""
     s = side_name(side)
     sd = SIDES[s]
     argv = [*(kvmcolo_command() if exe is None else exe), "boot"]
@@ -92,12 +95,14 @@ def boot_args(side: str, key_file: str, control: str, extra: Sequence[str] = (),
     else:
         argv += ["--secondary", "--listen", f"{REPL_B}:{REPL_PORT}"]
     argv += ["--key-file", str(key_file), "--control", str(control), *extra]
-    argv += ["--image", GUEST_IMAGE, "--net", f"tap={sd['tap']},bridge={sd['bridge']}"]
+    argv += [*(guest if guest is not None else ["--image", GUEST_IMAGE]), "--net",
+             f"tap={sd['tap']},bridge={sd['bridge']}"]  # fmt: skip
     if mem:
         argv += ["--mem", mem]
-    argv += ["--", f"ip={GUEST_ADDR}"]
-    if s == "A":
-        argv += list(guest_args)
+    if guest is None:
+        argv += ["--", f"ip={GUEST_ADDR}"]
+    if s == "A" and guest_args:
+        argv += [*([] if guest is None else ["--"]), *guest_args]
     return argv
 
 
@@ -126,11 +131,12 @@ class ColoLab:
     a VMM process is started (`spawn(side, argv)`: a Popen, or an object
     with the Popen as `.proc`) and what it does with its output."""
 
-    def __init__(self, lab: Lab, folder: str, spawn, mem: str | None = None):
+    def __init__(self, lab: Lab, folder: str, spawn, mem: str | None = None, guest=None):
         self.lab = lab
         self.folder = folder
         self.spawn = spawn
         self.mem = mem
+        self.guest = guest  # side -> VM options instead of netsrv's (boot_args' `guest`), or None
         self.procs: dict[str, object] = {}
         self.key = os.path.join(folder, "colo.key")
         fd = os.open(self.key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -142,7 +148,9 @@ class ColoLab:
 
     def start(self, side: str, extra: Sequence[str] = (), guest_args: Sequence[str] = ()):
         s = side_name(side)
-        argv = self.lab.host(s).cmd(*boot_args(s, self.key, self.sock(s), extra, guest_args, mem=self.mem))
+        guest = self.guest(s) if self.guest is not None else None
+        argv = self.lab.host(s).cmd(*boot_args(s, self.key, self.sock(s), extra, guest_args, mem=self.mem,
+                                               guest=guest))  # fmt: skip
         self.procs[s] = self.spawn(s, argv)
         return self.procs[s]
 

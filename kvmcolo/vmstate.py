@@ -258,6 +258,55 @@ def _nonzero_pages(machine, dirty: list[RegionDirty]) -> list[RegionDirty]:
 # request register it fills when it expires, the PIT's counters and load
 # time, and the VM clock.
 _TIME_DEPENDENT_MSRS = {0x10}
+_PIC_PENDING = slice(8, 10)  # struct kvm_irqchip: chip_id, pad, then the PIC's last_irr and irr
+
+# Guest memory the host's KVM writes on its own, on its own clock: kvmclock
+# (per vCPU), the wall clock, steal time, the async-PF reason and the PV EOI
+# flag.  Each is found from the MSR the guest registered it with: MSR ->
+# (address mask, length).  Two hosts write different times there, so state
+# hashes leave these bytes out; everything else in RAM must be equal.
+_KVM_WRITTEN = {
+    0x4B564D01: (~0x1, 32),  # MSR_KVM_SYSTEM_TIME_NEW: pvclock_vcpu_time_info
+    0x12: (~0x1, 32),  # MSR_KVM_SYSTEM_TIME (old numbering)
+    0x4B564D00: (~0x0, 12),  # MSR_KVM_WALL_CLOCK_NEW: pvclock_wall_clock
+    0x11: (~0x0, 12),  # MSR_KVM_WALL_CLOCK
+    0x4B564D03: (~0x3F, 64),  # MSR_KVM_STEAL_TIME
+    0x4B564D02: (~0x3F, 64),  # MSR_KVM_ASYNC_PF_EN
+    0x4B564D04: (~0x1, 4),  # MSR_KVM_PV_EOI_EN
+}
+
+
+def _kvm_written_areas(vcpu_states) -> set[tuple[int, int]]:
+    """(guest address, length) of each area KVM writes, from each vCPU's MSRs."""
+    areas = set()
+    for state in vcpu_states:
+        msrs = state["msrs"]
+        for i in range(0, len(msrs), 16):  # struct kvm_msr_entry: index u32, reserved u32, data u64
+            index = int.from_bytes(msrs[i : i + 4], "little")
+            if index in _KVM_WRITTEN:
+                data = int.from_bytes(msrs[i + 8 : i + 16], "little")
+                mask, length = _KVM_WRITTEN[index]
+                if data & mask:
+                    areas.add((data & mask, length))
+    return areas
+
+
+def _hash_ram(region, leave_out: list[tuple[int, int]]) -> str:
+    """The region's hash with the `leave_out` areas counted as zeros (hashed
+    in pieces: no copy of the region)."""
+    import hashlib
+
+    digest = hashlib.blake2b(digest_size=16)
+    at = 0
+    for gpa, length in leave_out:
+        start, end = max(gpa - region.gpa, at), min(gpa + length - region.gpa, region.size)
+        if end <= start:
+            continue
+        digest.update(region.view[at:start])
+        digest.update(bytes(end - start))
+        at = end
+    digest.update(region.view[at:])
+    return digest.hexdigest()
 _LAPIC_TIMER_CURRENT_COUNT = 0x390
 _LAPIC_IRR = range(0x200, 0x280)
 # Hashed apart so that a mismatch says where (the rest is "lapic.other").
@@ -277,16 +326,20 @@ def state_hashes(machine, host: HostCaps, captured: Captured | None = None) -> d
         return hashlib.blake2b(data, digest_size=16).hexdigest()
 
     out = {}
-    for r in machine.vm.memory.regions:
-        out[f"ram.{r.slot}"] = h(r.view)
     if captured is not None:
         vm_state = unpack_blobs(next(c.payload for c in captured.sections if c.tag == b"VMST"))
         vcpu_states = [unpack_blobs(c.payload) for c in captured.sections if c.tag == b"VCPU"]
     else:
         vm_state = machine.vm.save_state()
         vcpu_states = [v.save_state(host.msrs, host.xsave_size) for v in machine.vm.vcpus]
+    host_written = sorted(_kvm_written_areas(vcpu_states))
+    for r in machine.vm.memory.regions:
+        out[f"ram.{r.slot}"] = _hash_ram(r, host_written)
     for name in ("pic_master", "pic_slave", "ioapic"):
-        out[f"vm.{name}"] = h(vm_state[name])
+        chip = bytearray(vm_state[name])
+        if name.startswith("pic"):
+            chip[_PIC_PENDING] = bytes(len(chip[_PIC_PENDING]))  # like the LAPIC's IRR: timers fire on each host's time
+        out[f"vm.{name}"] = h(chip)
     entry = ffi.sizeof("struct kvm_msr_entry")
     for index, state in enumerate(vcpu_states):
         state = dict(state)
