@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
-from kvmcolo import acpi
+from kvmcolo import acpi, mptable
 from kvmcolo.errors import UserError
 from kvmcolo.files import open_regular
 from kvmcolo.memory import PAGE_SIZE, GuestMemory
@@ -140,6 +140,7 @@ def load_pvh(
     cmdline: str,
     ncpus: int,
     modules: list[tuple[str, bytes, str]] = (),
+    gsis: list[int] = (),
 ) -> int:
     """Load `image` and the boot data into guest RAM.  Returns the start_info address.
 
@@ -169,6 +170,7 @@ def load_pvh(
     mem.write(CMDLINE_GPA, raw_cmdline + b"\0")
     tables, rsdp = acpi.build_tables(ACPI_GPA, ncpus)
     mem.write(ACPI_GPA, tables)
+    mem.write(mptable.MP_GPA, mptable.build(ncpus, gsis))  # for kernels without ACPI
 
     memmap = _memory_map(mem)
     mem.write(MEMMAP_GPA, b"".join(_MEMMAP_ENTRY.pack(a, n, t, 0) for a, n, t in memmap))

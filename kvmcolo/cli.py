@@ -18,6 +18,7 @@ import sys
 
 from kvmcolo import __version__
 from kvmcolo.argtypes import number
+from kvmcolo.cpu_model import CpuModel
 from kvmcolo.errors import UserError
 
 log = logging.getLogger("kvmcolo")
@@ -154,6 +155,9 @@ def _add_vm_options(parser, kernel_required: bool) -> None:
     parser.add_argument("--cmdline", default="", metavar="S", help="kernel command line")
     parser.add_argument("--mem", default="256M", metavar="SIZE", help="guest RAM, e.g. 256M or 1G (default 256M)")
     parser.add_argument("--cpus", default=1, type=int, metavar="N", help="number of vCPUs (default 1)")
+    parser.add_argument("--cpu", default="host", metavar="MODEL",
+                        help="CPU features the guest sees: host[,+FEATURE|-FEATURE]... (default host; "
+                        "e.g. host,-pv-send-ipi; the features are listed in docs/deploy.md)")  # fmt: skip
     parser.add_argument("--initrd", metavar="PATH", help="initrd / module handed to the kernel")
     parser.add_argument("--serial-log", metavar="FILE", help="write the guest console to FILE instead of stdout")
     parser.add_argument("--disk", action="append", default=[], metavar="PATH[,ro]",
@@ -234,7 +238,7 @@ def _machine_config(args, boot_kernel: bool = True):
     return MachineConfig(kernel=kernel, cmdline=cmdline, mem_size=mem, cpus=args.cpus,
                          initrd=args.initrd, serial_output=_open_serial_log(args.serial_log), serial_input=True,
                          disks=[parse_disk(d) for d in args.disk], nets=[parse_net(n) for n in args.net],
-                         ioeventfd=args.ioeventfd)  # fmt: skip
+                         ioeventfd=args.ioeventfd, cpu=CpuModel.parse(args.cpu))  # fmt: skip
 
 
 def _cmd_run(args) -> int:

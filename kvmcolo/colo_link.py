@@ -213,6 +213,7 @@ def comparable_shape(shape: dict) -> dict:
         "cpus": shape["cpus"],
         "disks": [{"size": d["size"], "readonly": d["readonly"]} for d in shape["disks"]],
         "nets": [{"mac": n["mac"]} for n in shape["nets"]],
+        "cpu": shape["cpu"],
     }
 
 
@@ -226,6 +227,8 @@ def config_mismatch(ours: dict, theirs: dict) -> str | None:
         return f"disks differ: primary {b['disks']}, secondary {a['disks']}"
     if a["nets"] != b["nets"]:
         return f"network devices differ: primary {b['nets']}, secondary {a['nets']}"
+    if a.get("cpu") != b.get("cpu"):
+        return f"CPU models differ: primary {b.get('cpu')}, secondary {a.get('cpu')} (give both the same --cpu)"
     from kvmcolo.vmstate import HostCaps
 
     mine, other = HostCaps.feature_bits(ours["host"]["cpuid"]), HostCaps.feature_bits(theirs["host"]["cpuid"])

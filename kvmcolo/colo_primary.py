@@ -84,7 +84,7 @@ class ColoPrimary:
         """Connect, authenticate, agree on the machine, sync the disks.
         `sock`: an already connected socket to use instead (test harness)."""
         m = self.machine
-        self.host = vmstate.HostCaps.probe(m.kvm, m.vm.vcpus[0])
+        self.host = vmstate.HostCaps.of(m)
         config = colo_link.config_message(m, self.host.as_meta(), self.options)
         handshake = self.options.heartbeat_timeout * 5
         if sock is None:

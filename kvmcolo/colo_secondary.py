@@ -55,7 +55,7 @@ class ColoSecondary:
         self.channel: Channel | None = None
         self.cache = RamCache(machine.config.mem_size)
         self.dirty: DirtyReader | None = None  # the SVM's own writes, through the machine's one dirty log
-        self.host = vmstate.HostCaps.probe(machine.kvm, machine.vm.vcpus[0])
+        self.host = vmstate.HostCaps.of(machine)
         self._heartbeat: Heartbeat | None = None
         self._checkpoint: Checkpoint | None = None  # the one being received or loaded
         self._seq = 0

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from kvmcolo import boot
+from kvmcolo.cpu_model import CpuModel
 from kvmcolo.cpuid import vcpu_cpuid
 from kvmcolo.devices.debug_exit import DEBUG_EXIT_PORT, DebugExit
 from kvmcolo.devices.i8042 import I8042, I8042_COMMAND_PORT, I8042_DATA_PORT
@@ -69,6 +70,7 @@ class MachineConfig:
     disks: list[DiskSpec] = field(default_factory=list)
     nets: list[NetSpec] = field(default_factory=list)
     ioeventfd: bool = True  # queue notifications in the kernel (False: an MMIO exit each)
+    cpu: CpuModel = CpuModel()  # the CPUID features the guest sees
     attach_bridges: bool = True  # False on a COLO secondary: its tap joins the bridge only at failover
 
 
@@ -103,7 +105,8 @@ class Machine:
             cmdline = " ".join([config.cmdline, *self._add_virtio_devices()]).strip()
             self._setup_cpuid()
             if image is not None:
-                start_info = boot.load_pvh(self.vm.memory, image, cmdline, config.cpus, modules)
+                gsis = VIRTIO_GSIS[: len(self.virtio)]
+                start_info = boot.load_pvh(self.vm.memory, image, cmdline, config.cpus, modules, gsis)
                 boot.pvh_boot_cpu_state(self.vm.vcpus[0], image.entry, start_info)
         except BaseException:
             self._close_devices()
@@ -172,7 +175,11 @@ class Machine:
         self.tsc_khz = vcpus[0].tsc_khz()
         supported = self.kvm.supported_cpuid()
         for v in vcpus:
-            v.set_cpuid(vcpu_cpuid(supported, v.index, len(vcpus), self.tsc_khz))
+            table = vcpu_cpuid(supported, v.index, len(vcpus), self.tsc_khz)
+            self.config.cpu.apply(table)
+            v.set_cpuid(table)
+            if v.index == 0:
+                self.cpuid_table = table  # the CPU model as the guest sees it (vmstate.HostCaps.of)
 
     # ---- what the machine is, and its devices' state ----------------------
 
@@ -185,12 +192,14 @@ class Machine:
                       for d, img in zip(self.config.disks, self.disk_images)],
             "nets": [{"tap": tap.name, "mac": n.mac, "bridge": n.bridge} for n, tap in zip(self.config.nets, self.taps)],
             "ioeventfd": self.config.ioeventfd,
+            "cpu": str(self.config.cpu),
         }  # fmt: skip
 
     @staticmethod
     def config_from_shape(shape: dict, **overrides) -> MachineConfig:
         config = MachineConfig(
             kernel="", mem_size=shape["mem_size"], cpus=shape["cpus"], ioeventfd=shape["ioeventfd"],
+            cpu=CpuModel.parse(shape.get("cpu", "host")),  # snapshots from before --cpu: the host model
             disks=[DiskSpec(d["path"], d["readonly"]) for d in shape["disks"]],
             nets=[NetSpec(n["tap"], n["mac"], n.get("bridge")) for n in shape["nets"]],
         )  # fmt: skip

@@ -108,7 +108,7 @@ class Snapshotter:
 
     def host_caps(self) -> vmstate.HostCaps:
         if self._host is None:
-            self._host = vmstate.HostCaps.probe(self.machine.kvm, self.machine.vm.vcpus[0])
+            self._host = vmstate.HostCaps.of(self.machine)
         return self._host
 
     def take(self, path: str, incremental: bool = False) -> SnapshotResult:
@@ -158,7 +158,7 @@ def restore_machine(snaps: list[vmstate.Snapshot], **config_overrides):
     shape = snaps[-1].meta["machine"]
     machine = Machine(Machine.config_from_shape(shape, **config_overrides), boot_kernel=False)
     try:
-        host = vmstate.HostCaps.probe(machine.kvm, machine.vm.vcpus[0])
+        host = vmstate.HostCaps.of(machine)
         try:
             host.check_can_hold(snaps[-1].meta["host"])
         except vmstate.IncompatibleState as e:

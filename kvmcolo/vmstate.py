@@ -47,6 +47,7 @@ _FEATURE_REGS = {
     (7, 0): ("ebx", "ecx", "edx"),
     (0xD, 0): ("eax", "edx"),  # XSAVE state components
     (0xD, 1): ("eax",),
+    (0x4000_0001, 0): ("eax",),  # KVM's paravirtual features
     (0x80000001, 0): ("ecx", "edx"),
 }
 _FEATURE_LEAVES = tuple(_FEATURE_REGS)
@@ -67,12 +68,18 @@ class HostCaps:
     xsave_layout: XsaveLayout = XsaveLayout(())  # this host's XSAVE components (for comparing by meaning)
 
     @classmethod
-    def probe(cls, kvm: Kvm, vcpu) -> HostCaps:
+    def of(cls, machine) -> HostCaps:
+        """This host's capabilities, with the CPU features the machine's CPU
+        model gives its vCPUs (what a pair must agree on, and a restore needs)."""
+        return cls.probe(machine.kvm, machine.vm.vcpus[0], machine.cpuid_table)
+
+    @classmethod
+    def probe(cls, kvm: Kvm, vcpu, cpuid_table: list | None = None) -> HostCaps:
         xsave_size = max(ffi.sizeof("struct kvm_xsave"), kvm.check_extension("KVM_CAP_XSAVE2"))
         msrs = vcpu.readable_msrs(kvm.msr_index_list())
         cpuid = {}
         supported = kvm.supported_cpuid()
-        for e in supported:
+        for e in supported if cpuid_table is None else cpuid_table:
             key = (e.function, e.index if e.flags & lib.KVM_CPUID_FLAG_SIGNIFCANT_INDEX else 0)
             if key in _FEATURE_LEAVES:
                 cpuid[f"{key[0]:#x}.{key[1]}"] = [e.eax, e.ebx, e.ecx, e.edx]
@@ -380,7 +387,7 @@ class Snapshot:
 # What the code reading a state stream's META relies on (jsonsafe.check_shape).
 _META_SHAPE = {
     "state_version": int, "kind": str, "id": str, "parent": (str, type(None)),
-    "machine": {"mem_size": int, "cpus": int, "ioeventfd": bool,
+    "machine": {"mem_size": int, "cpus": int, "ioeventfd": bool,  # and "cpu" (str) since --cpu
                 "disks": [{"path": str, "readonly": bool, "size": int}],
                 "nets": [{"tap": str, "mac": str, "bridge": (str, type(None))}]},
     "host": {"xsave_size": int, "msrs": [int], "cpuid": {str: [int]}},

@@ -22,6 +22,7 @@ class Kernel:
     vmlinux: Path
     rootfs: Path
     host_cmdline: str  # what this host needs (scripts/linux-guest decides)
+    host_cpu: str  # the --cpu model for SMP on this host (likewise)
 
 
 def build(variant: str) -> Kernel:
@@ -30,7 +31,7 @@ def build(variant: str) -> Kernel:
     if proc.returncode != 0:
         raise AssertionError(f"building the {variant} test kernel failed:\n{proc.stderr[-3000:]}")
     out = dict(line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line)
-    return Kernel(Path(out["vmlinux"]), Path(out["rootfs"]), out["cmdline"])
+    return Kernel(Path(out["vmlinux"]), Path(out["rootfs"]), out["cmdline"], out["cpu"])
 
 
 def cmdline(kernel: Kernel, extra: str = "") -> str:

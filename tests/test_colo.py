@@ -162,15 +162,18 @@ def test_peer_without_the_key_is_refused(images, tmp_path):
         pair.close()
 
 
-def test_mismatched_vm_options_are_refused_on_both_sides(images, tmp_path):
+@pytest.mark.parametrize("secondary_vm, says", [(["--image", "dirty", "--mem", "128M"], "RAM differ"),
+                                                (VM + ["--cpu", "host,-pv-eoi"], "CPU models differ")],
+                         ids=["ram", "cpu-model"])  # fmt: skip
+def test_mismatched_vm_options_are_refused_on_both_sides(images, tmp_path, secondary_vm, says):
     pair = ColoPair(tmp_path, VM, DIRTY, start=False)
     try:
-        pair.start_secondary(["--image", "dirty", "--mem", "128M"])
+        pair.start_secondary(secondary_vm)
         primary = pair.start_primary(VM, DIRTY, wait=False)
         assert primary.proc.wait(30) == 2
         assert pair.secondary.proc.wait(30) == 2
         for proc in (primary, pair.secondary):
-            assert any("RAM differ" in line for line in proc.stderr_lines), proc.stderr_lines
+            assert any(says in line for line in proc.stderr_lines), proc.stderr_lines
             assert not any("Traceback" in line for line in proc.stderr_lines)
     finally:
         pair.close()

@@ -23,6 +23,7 @@ def test_up_kernel_boots_mounts_its_root_and_answers_ping(up_kernel, tmp_path):
     guest = LinuxGuest(up_kernel, tmp_path)
     try:
         guest.vmm.wait_line(r"Linux version 6\.", timeout=60)
+        guest.vmm.wait_line(r"Intel MultiProcessor Specification v1\.4", timeout=60)  # kvmcolo's MP table
         guest.vmm.wait_line(r"virtio_blk virtio\d+: \[vda\]", timeout=BOOT_TIMEOUT)  # found through virtio-mmio
         guest.vmm.wait_line(r"IP-Config: Complete", timeout=BOOT_TIMEOUT)
         guest.vmm.wait_line(r"VFS: Mounted root \(ext2 filesystem\)", timeout=BOOT_TIMEOUT)
@@ -30,6 +31,28 @@ def test_up_kernel_boots_mounts_its_root_and_answers_ping(up_kernel, tmp_path):
         result = guest.ping(count=3, deadline=60)
         assert result.returncode == 0, result.stdout + result.stderr
         assert guest.vmm.proc.poll() is None  # still running, still serving
+        log = "\n".join(guest.vmm.all_lines())
+        assert "MP tables are not detected" not in log and "virtual wire mode" not in log, log[-3000:]
+    finally:
+        guest.close()
+
+
+@pytest.fixture(scope="session")
+def smp_kernel(kvm_device):
+    require_root("building and booting the test kernel (apt, taps, namespaces)")
+    return build("smp")
+
+
+def test_smp_kernel_brings_up_both_cpus_and_answers_ping(smp_kernel, tmp_path):
+    """Two vCPUs found through the ACPI MADT, with the KVM PV features this
+    host cannot serve switched off by the CPU model (on other hosts: none)."""
+    guest = LinuxGuest(smp_kernel, tmp_path, args=["--cpus", "2", "--cpu", smp_kernel.host_cpu])
+    try:
+        guest.vmm.wait_line(r"ACPI: .*MADT|ACPI: APIC", timeout=60)
+        guest.vmm.wait_line(r"smp: Brought up 1 node, 2 CPUs", timeout=BOOT_TIMEOUT)
+        guest.vmm.wait_line(r"Run /init as init process", timeout=BOOT_TIMEOUT)
+        result = guest.ping(count=3, deadline=60)
+        assert result.returncode == 0, result.stdout + result.stderr
     finally:
         guest.close()
 
