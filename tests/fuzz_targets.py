@@ -47,14 +47,18 @@ def _fed_socket(data: bytes) -> tuple[socket.socket, socket.socket]:
 # ---- the replication port: before and after authentication ------------------------------
 
 
-def handshake_server(data: bytes) -> None:
-    """A stranger speaks first to a waiting secondary."""
+def _handshake(data: bytes, handshake, role: str) -> None:
     a, b = _fed_socket(data)
     with a, b:
         try:
-            wire.server_handshake(b, KEY, "secondary", "fuzz", 1.0)
+            handshake(b, KEY, role, "fuzz", 1.0)
         except wire.ChannelError:
             pass
+
+
+def handshake_server(data: bytes) -> None:
+    """A stranger speaks first to a waiting secondary."""
+    _handshake(data, wire.server_handshake, "secondary")
 
 
 def handshake_server_framed(data: bytes) -> None:
@@ -67,12 +71,7 @@ def handshake_server_framed(data: bytes) -> None:
 
 def handshake_client(data: bytes) -> None:
     """A primary connecting to something that answers with these bytes."""
-    a, b = _fed_socket(data)
-    with a, b:
-        try:
-            wire.client_handshake(b, KEY, "primary", "fuzz", 1.0)
-        except wire.ChannelError:
-            pass
+    _handshake(data, wire.client_handshake, "primary")
 
 
 def frame_raw(data: bytes) -> None:

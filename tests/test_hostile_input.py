@@ -33,11 +33,16 @@ def test_jsonsafe_refuses_deep_and_broken_input():
     assert jsonsafe.loads('{"a": [1, {"b": 2}]}') == {"a": [1, {"b": 2}]}
 
 
-def test_handshake_with_deep_json_is_refused_as_a_handshake_error():
+@pytest.mark.parametrize("where", ["hello", "proof"])
+def test_handshake_with_deep_json_is_refused_as_a_handshake_error(where):
     a, b = socket.socketpair()
     with a, b:
-        body = b"[" * 1000
-        a.sendall(struct.pack("<HI", 0xFFF0, len(body)) + body)  # a HELLO whose body nests 1,000 deep
+        deep = b"[" * 1000
+        if where == "hello":
+            a.sendall(struct.pack("<HI", 0xFFF0, len(deep)) + deep)  # a HELLO whose body nests 1,000 deep
+        else:
+            hello = json.dumps({"version": wire.PROTOCOL_VERSION, "role": "primary", "nonce": "00" * 32}).encode()
+            a.sendall(struct.pack("<HI", 0xFFF0, len(hello)) + hello + struct.pack("<HI", 0xFFF1, len(deep)) + deep)
         with pytest.raises(wire.ChannelError):
             wire.server_handshake(b, b"k" * 32, "secondary", "stranger", 5)
 
