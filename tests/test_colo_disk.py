@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import time
 
 import pytest
 
@@ -79,13 +78,6 @@ def overlay_daemons(path) -> list[int]:
     return found
 
 
-def wait_until(predicate, what: str, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"still waiting for: {what}"
-        time.sleep(0.1)
-
-
 @pytest.mark.parametrize("notify", [[], ["--no-ioeventfd"]], ids=["ioeventfd", "mmio-exit"])
 def test_disks_identical_at_every_checkpoint(fuse, tmp_path, notify):
     # mmio-exit: the guest's notifications come as MMIO exits; served on the I/O
@@ -154,10 +146,8 @@ def test_secondary_killed_during_an_apply_replays_its_journal(fuse, tmp_path):
         pair.wait_failover("a")  # the primary goes on alone
         pair.secondary = None
         restarted = pair.start_secondary(vm(b, tmp_path / "ovl"))
-        deadline = time.monotonic() + 10
-        while not any("replayed an unfinished disk journal" in line for line in restarted.stderr_lines):
-            assert time.monotonic() < deadline, restarted.stderr_lines
-            time.sleep(0.1)
+        wait_until(lambda: any("replayed an unfinished disk journal" in line for line in restarted.stderr_lines),
+                   "the restarted secondary replays its journal", timeout=10)  # fmt: skip
         assert not os.path.exists(journal_path(str(b)))
         assert read_records(b) >= 1  # the applied records are whole
     finally:
