@@ -22,7 +22,7 @@ def main() -> int:
     seconds = int(sys.argv[1]) if len(sys.argv) > 1 else 300
     names = sys.argv[2:] or sorted(fuzz_targets.TARGETS)
     workdir = tempfile.mkdtemp(prefix="kvmcolo-fuzz-")
-    elf = str(image_path("hello"))  # the elf_loader's seed (built with gcc on first use)
+    elf = str(image_path("hello"))  # the kernel_loader's seed (built with gcc on first use)
     print(f"fuzzing {len(names)} targets for {seconds} s each (atheris); work folder {workdir}")
     print(f"{'target':<26}{'inputs':>12}{'inputs/s':>10}  crash")
     crashes = 0

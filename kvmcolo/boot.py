@@ -12,7 +12,7 @@ Guest-physical layout of the boot data (all below the kernel at 1 MiB):
 
     0x1000  hvm_start_info, then the memory map
     0x2000  command line (NUL-terminated, up to 8 KiB)
-    0x4000  ACPI tables (RSDP, XSDT, MADT)
+    0x4000  ACPI tables (RSDP, XSDT, MADT, FADT, DSDT)
     0x6000  module list
     0x8000  free for the guest (our tiny guests put their AP trampoline here)
 """
@@ -24,6 +24,7 @@ import struct
 from dataclasses import dataclass
 
 from elftools.common.exceptions import ELFError
+from elftools.construct.core import ConstructError
 from elftools.elf.elffile import ELFFile
 
 from kvmcolo import acpi, mptable
@@ -97,8 +98,9 @@ def read_pvh_image(path: str) -> PvhImage:
     return PvhImage(path, entry, segments)
 
 
-# What pyelftools raises on a damaged file, besides its own ELFError.
-_DAMAGED_ELF = (ELFError, OSError, struct.error, ValueError, KeyError, IndexError, TypeError, AttributeError)
+# What pyelftools raises on a damaged file, besides its own ELFError (and
+# its construct parser's errors, e.g. a note name with no terminator).
+_DAMAGED_ELF = (ELFError, ConstructError, OSError, struct.error, ValueError, KeyError, IndexError, TypeError, AttributeError)
 
 
 def _pvh_segments(f, path: str) -> tuple[int | None, list[Segment]]:
@@ -140,7 +142,7 @@ def load_pvh(
     cmdline: str,
     ncpus: int,
     modules: list[tuple[str, bytes, str]] = (),
-    gsis: list[int] = (),
+    virtio: list[acpi.MmioDevice] = (),
 ) -> int:
     """Load `image` and the boot data into guest RAM.  Returns the start_info address.
 
@@ -168,11 +170,11 @@ def load_pvh(
         mem.fill(s.paddr + len(s.data), s.memsz - len(s.data))
 
     mem.write(CMDLINE_GPA, raw_cmdline + b"\0")
-    tables, rsdp = acpi.build_tables(ACPI_GPA, ncpus)
+    tables, rsdp = acpi.build_tables(ACPI_GPA, ncpus, virtio, limit=MODLIST_GPA - ACPI_GPA)
     mem.write(ACPI_GPA, tables)
-    mem.write(mptable.MP_GPA, mptable.build(ncpus, gsis))  # for kernels without ACPI
+    mem.write(mptable.MP_GPA, mptable.build(ncpus, [d.gsi for d in virtio]))  # for kernels without ACPI
 
-    memmap = _memory_map(mem)
+    memmap = memory_map(mem)
     mem.write(MEMMAP_GPA, b"".join(_MEMMAP_ENTRY.pack(a, n, t, 0) for a, n, t in memmap))
 
     modlist = _load_modules(mem, image, modules)
@@ -184,7 +186,7 @@ def load_pvh(
     return START_INFO_GPA
 
 
-def _memory_map(mem: GuestMemory) -> list[tuple[int, int, int]]:
+def memory_map(mem: GuestMemory) -> list[tuple[int, int, int]]:
     entries = []
     for gpa, size in mem.e820_ram():
         if gpa == 0:

@@ -138,6 +138,12 @@ def _build_parser() -> argparse.ArgumentParser:
     snap.add_argument("file", metavar="FILE")
     snap.add_argument("--incremental", action="store_true", help="only pages dirtied since the previous snapshot")
     _add_control_option(snap)
+    sysrq = sub.add_parser("sysrq", help="send a magic SysRq key to the guest's serial console",
+                           description="Send a BREAK and then KEY on the guest's serial line: a Linux guest "
+                           "with a serial console runs SysRq KEY (h: help, t: tasks, w: blocked tasks, "
+                           "c: crash) without its userspace.")  # fmt: skip
+    sysrq.add_argument("key", metavar="KEY", help="one character")
+    _add_control_option(sysrq)
 
     sub.add_parser("images", help="build the built-in tiny guests and list them",
                    description="Build (if needed) and list the built-in tiny guests.")  # fmt: skip
@@ -246,8 +252,8 @@ def _cmd_run(args) -> int:
 
     config = _machine_config(args)
     machine = Machine(config)
-    log.info("booting %s: %d MiB, %d vCPU%s, cmdline %r", config.kernel, config.mem_size >> 20, config.cpus,
-             "s" if config.cpus > 1 else "", config.cmdline)  # fmt: skip
+    log.info("booting %s (%s): %d MiB, %d vCPU%s, cmdline %r", config.kernel, machine.kernel_format,
+             config.mem_size >> 20, config.cpus, "s" if config.cpus > 1 else "", config.cmdline)  # fmt: skip
     return _serve(machine, args.control, config.serial_output)
 
 
@@ -326,6 +332,8 @@ def _cmd_boot(args) -> int:
         for o in overlays:
             o.close()
         raise
+    if machine.kernel_format:
+        log.info("kernel %s: %s", config.kernel, machine.kernel_format)
     try:
         if args.primary:
             from kvmcolo.colo_primary import ColoPrimary
@@ -413,6 +421,11 @@ def _cmd_client(args) -> int:
         print(f"{result['kind']} snapshot {result['path']}: {result['pages']} pages, {result['bytes']} bytes, "
               f"guest paused {result['pause_ms']:.1f} ms")  # fmt: skip
         return 0
+    if args.command == "sysrq":
+        if len(args.key) != 1 or not args.key.isprintable():
+            raise UserError(f"sysrq: KEY must be one printable character, not {args.key!r}")
+        control.call(path, "serial-input", {"data": args.key, "break_first": True})
+        return 0
     command = {"status": "query-status", "stats": "query-stats", "failover": "colo-failover"}.get(args.command,
                                                                                                 args.command)
     result = control.call(path, command)
@@ -483,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
             from kvmcolo import demo
 
             return demo.main(args)
-        if args.command in ("status", "stop", "cont", "stats", "quit", "snapshot", "failover", "checkpoint"):
+        if args.command in ("status", "stop", "cont", "stats", "quit", "snapshot", "failover", "checkpoint", "sysrq"):
             return _cmd_client(args)
         _build_parser().print_help()
         return USER_ERROR_STATUS

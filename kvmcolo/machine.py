@@ -16,12 +16,13 @@ import threading
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
-from kvmcolo import boot
+from kvmcolo import acpi, kernels
 from kvmcolo.cpu_model import CpuModel
 from kvmcolo.cpuid import vcpu_cpuid
 from kvmcolo.devices.debug_exit import DEBUG_EXIT_PORT, DebugExit
 from kvmcolo.devices.i8042 import I8042, I8042_COMMAND_PORT, I8042_DATA_PORT
 from kvmcolo.devices.post_code import POST_CODE_PORT, PostCode
+from kvmcolo.devices.rtc import RTC_PORT, CmosRtc
 from kvmcolo.devices.serial import COM1_IRQ, COM1_PORT, Serial8250
 from kvmcolo.devices.tap import TapBackend
 from kvmcolo.devices.virtio_blk import BlockImage, VirtioBlock
@@ -29,6 +30,7 @@ from kvmcolo.devices.virtio_mmio import MMIO_WINDOW, VirtioMmio
 from kvmcolo.devices.virtio_net import DEFAULT_MAC, VirtioNet, parse_mac
 from kvmcolo.errors import UserError
 from kvmcolo.event_loop import EventLoop
+from kvmcolo.files import open_regular
 from kvmcolo.kvm_ffi import Kvm
 from kvmcolo.run_state import OPERATOR, RunState
 from kvmcolo.vm import Vm, VmExit
@@ -81,12 +83,13 @@ class Machine:
         self.config = config
         if config.mem_size < MIN_MEM or config.mem_size % 4096:
             raise UserError(f"--mem must be at least {MIN_MEM >> 20} MiB and a multiple of 4 KiB")
-        image = boot.read_pvh_image(config.kernel) if boot_kernel else None
-        modules = []
-        if config.initrd:
+        image = kernels.read_kernel(config.kernel) if boot_kernel else None
+        self.kernel_format = kernels.describe(image) if image is not None else None  # "PVH ELF, ..." or "bzImage, ..."
+        initrd = None
+        if config.initrd and image is not None:
             try:
-                with open(config.initrd, "rb") as f:
-                    modules.append((config.initrd, f.read(), ""))
+                with open_regular(config.initrd, "initrd") as f:
+                    initrd = (config.initrd, f.read())
             except OSError as e:
                 raise UserError(f"cannot read initrd {config.initrd!r}: {e.strerror}")
 
@@ -105,9 +108,8 @@ class Machine:
             cmdline = " ".join([config.cmdline, *self._add_virtio_devices()]).strip()
             self._setup_cpuid()
             if image is not None:
-                gsis = VIRTIO_GSIS[: len(self.virtio)]
-                start_info = boot.load_pvh(self.vm.memory, image, cmdline, config.cpus, modules, gsis)
-                boot.pvh_boot_cpu_state(self.vm.vcpus[0], image.entry, start_info)
+                kernels.load_and_start(image, self.vm.memory, self.vm.vcpus[0], cmdline, config.cpus, initrd,
+                                       self.virtio_layout)  # fmt: skip
         except BaseException:
             self._close_devices()
             self.vm.close()
@@ -124,17 +126,20 @@ class Machine:
         self.debug_exit = DebugExit(self.vm.request_exit)
         self.i8042 = I8042(self.vm.request_exit)
         self.post_code = PostCode()
+        self.rtc = CmosRtc()
         bus = self.vm.pio_bus
         bus.register(COM1_PORT, 8, self.serial)
         bus.register(DEBUG_EXIT_PORT, 4, self.debug_exit)
         bus.register(I8042_DATA_PORT, I8042_COMMAND_PORT - I8042_DATA_PORT + 1, self.i8042)
         bus.register(POST_CODE_PORT, 1, self.post_code)
+        bus.register(RTC_PORT, 2, self.rtc)
 
     def _add_virtio_devices(self) -> list[str]:
         """Disks, then network devices.  Returns the command-line words that
         announce them (virtio_mmio.device=<size>@<base>:<gsi>, as Linux reads)."""
         words = []
         devices = []
+        self.virtio_layout: list[acpi.MmioDevice] = []  # where each transport is, for the DSDT and MP table
         for spec in self.config.disks:
             image = BlockImage(spec.path, spec.readonly)
             self._closables.append(image)
@@ -161,6 +166,7 @@ class Machine:
                     self.vm.add_ioeventfd(base + transport.notify_offset(), 4, q, efd)
                     self.loop.add_reader(efd, lambda efd=efd, q=q, t=transport: _drain_and_notify(efd, t, q))
             self.virtio.append(transport)
+            self.virtio_layout.append(acpi.MmioDevice(base, MMIO_WINDOW, gsi))
             words.append(f"virtio_mmio.device={MMIO_WINDOW}@{base:#x}:{gsi}")
         return words
 
@@ -216,10 +222,13 @@ class Machine:
         return [t.device for t in self.virtio if isinstance(t.device, VirtioBlock)]
 
     def save_devices(self) -> dict:
-        return {"serial": self.serial.save_state(), "virtio": [t.save_state() for t in self.virtio]}
+        return {"serial": self.serial.save_state(), "rtc": self.rtc.save_state(),
+                "virtio": [t.save_state() for t in self.virtio]}  # fmt: skip
 
     def load_devices(self, state: dict) -> None:
         self.serial.load_state(state["serial"])
+        if "rtc" in state:  # saved before the RTC existed: it keeps the host's time
+            self.rtc.load_state(state["rtc"])
         if len(state["virtio"]) != len(self.virtio):
             raise ValueError(f"saved state has {len(state['virtio'])} virtio devices, this machine {len(self.virtio)}")
         for transport, saved in zip(self.virtio, state["virtio"]):

@@ -34,6 +34,7 @@ class Vmm:
                 "query-colo": self.query_colo,
                 "colo-failover": self.colo_failover,
                 "checkpoint": self.checkpoint,
+                "serial-input": self.serial_input,
             },
         )
 
@@ -73,6 +74,24 @@ class Vmm:
             raise CommandError("checkpoints are taken by a COLO primary")
         self.colo.request_checkpoint("requested on the control socket")
         return {"requested": True}
+
+    def serial_input(self, data: str = "", break_first: bool = False) -> dict:
+        """Type on the guest's serial line: `data` (each character one byte,
+        U+0000-U+00FF), after a BREAK if asked (a Linux console's SysRq).
+        On a COLO primary the secondary's UART gets the same state with the
+        next checkpoint, as for anything else the primary's guest sees."""
+        if not isinstance(data, str) or not isinstance(break_first, bool):
+            raise CommandError("serial-input: data must be a string and break_first true or false")
+        try:
+            raw = data.encode("latin-1")
+        except UnicodeEncodeError:
+            raise CommandError("serial-input: data must be characters U+0000-U+00FF (one byte each)")
+        if len(raw) > 4096:
+            raise CommandError(f"serial-input: at most 4096 bytes at a time, not {len(raw)}")
+        if break_first:
+            self.machine.serial.send_break()
+        self.machine.serial.feed(raw)
+        return {"bytes": len(raw), "break": break_first}
 
     def stop(self) -> dict:
         """Stop the guest (idempotent).  A protected primary stays protected:

@@ -3,7 +3,7 @@
     python tests/fuzz_atheris.py TARGET CORPUS_DIR [libFuzzer options...]
 
 CORPUS_DIR is seeded from fuzz_targets.seeds() (and KVMCOLO_FUZZ_ELF, a
-real PVH image, for elf_loader).  An input that makes the target raise
+real PVH image, for kernel_loader).  An input that makes the target raise
 anything but its typed refusal is a crash: libFuzzer writes it out (see
 -artifact_prefix) and the exit status is non-zero.  Used by test_fuzz.py
 (bounded) and benchmarks/fuzz.py (longer, with throughput).

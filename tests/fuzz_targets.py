@@ -27,7 +27,8 @@ import tempfile
 import types
 import zlib
 
-from kvmcolo import boot, control, netcompare, packets, sections, vmstate, wire
+from elf_util import make_bzimage
+from kvmcolo import control, kernels, netcompare, packets, sections, vmstate, wire
 from kvmcolo.errors import UserError
 from kvmcolo.netrewrite import SeqRewriter
 
@@ -230,22 +231,23 @@ def control_line(data: bytes) -> None:
 
 # ---- the kernel loader -------------------------------------------------------------------
 
-_ELF_PATH = os.path.join(tempfile.gettempdir(), f"kvmcolo-fuzz-{os.getpid()}.elf")
+_KERNEL_PATH = os.path.join(tempfile.gettempdir(), f"kvmcolo-fuzz-{os.getpid()}.kernel")
 
 
-def elf_loader(data: bytes) -> None:
-    """Bytes as a --kernel file (seed the fuzzer with a real PVH image)."""
-    with open(_ELF_PATH, "wb") as f:
+def kernel_loader(data: bytes) -> None:
+    """Bytes as a --kernel file: told apart by format, then parsed as a PVH
+    ELF or a bzImage (seeded with a real PVH image and a bzImage header)."""
+    with open(_KERNEL_PATH, "wb") as f:
         f.write(data)
     try:
-        boot.read_pvh_image(_ELF_PATH)
+        kernels.read_kernel(_KERNEL_PATH)
     except UserError:
         pass
 
 
 TARGETS = {f.__name__: f for f in (handshake_server, handshake_server_framed, handshake_client, frame_raw,
                                    frame_tagged, state_stream, state_sections, packet_parse, comparator, rewriter,
-                                   control_line, elf_loader)}  # fmt: skip
+                                   control_line, kernel_loader)}  # fmt: skip
 
 
 # ---- seeds: valid inputs for the fuzzer to start from ------------------------------------
@@ -298,23 +300,28 @@ def seeds(name: str, pvh_image: bytes | None = None) -> list[bytes]:
         "comparator": [_sequence(frames + frames, [0, 0, 0, 0, 1, 1, 1, 1]), _sequence(frames, [0, 2, 1, 3])],
         "rewriter": [_sequence(frames + frames, [0, 1, 0, 1, 2, 3, 0, 1])],
         "control_line": [b'{"execute": "query-status", "id": 1}', b'{"execute": "snapshot", "arguments": {"path": "x"}}'],
-        "elf_loader": [pvh_image] if pvh_image else [],
+        "kernel_loader": ([pvh_image] if pvh_image else []) + [make_bzimage()],
     }[name]
 
 
-MAX_LEN = {"elf_loader": 1 << 17}  # inputs longer than this are cut (a PVH seed is ~100 KiB)
+MAX_LEN = {"kernel_loader": 1 << 17}  # inputs longer than this are cut (a PVH seed is ~100 KiB)
 DEFAULT_MAX_LEN = 4096
 
 
 # ---- running a target under atheris (in a subprocess: it instruments at import) ----------
 
 
-def atheris_campaign(name: str, seconds: int, workdir: str, elf: str | None = None) -> dict:
+def atheris_campaign(name: str, seconds: int, workdir: str, elf: str | None = None, seed: int | None = None) -> dict:
     """Run fuzz_atheris.py on one target for `seconds`: the crash it found
-    (its report) or None, how many inputs it ran and how many per second."""
+    (its report) or None, how many inputs it ran and how many per second.
+    `seed` fixes libFuzzer's random choices (the tests' campaign is then the
+    same walk on every commit and machine, only its length varies with
+    speed); None draws a new one (the long campaign explores further)."""
     runner = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fuzz_atheris.py")
     options = [f"-max_total_time={seconds}", f"-max_len={MAX_LEN.get(name, DEFAULT_MAX_LEN)}",
                f"-artifact_prefix={os.path.join(workdir, name)}-", "-rss_limit_mb=4096"]  # fmt: skip
+    if seed is not None:
+        options.append(f"-seed={seed}")
     proc = subprocess.run([sys.executable, runner, name, os.path.join(workdir, f"corpus-{name}"), *options],
                           capture_output=True, text=True, env=dict(os.environ, KVMCOLO_FUZZ_ELF=str(elf or "")),
                           timeout=seconds + 120)  # fmt: skip

@@ -38,10 +38,10 @@ def test_missing_kernel(tmp_path):
     assert_user_error(kvmcolo_cmd("run", "--kernel", str(tmp_path / "nope")), "does not exist")
 
 
-def test_kernel_not_elf(tmp_path):
+def test_kernel_neither_elf_nor_bzimage(tmp_path):
     p = tmp_path / "text"
     p.write_text("not an elf at all\n" * 10)
-    assert_user_error(kvmcolo_cmd("run", "--kernel", str(p)), "not an ELF file")
+    assert_user_error(kvmcolo_cmd("run", "--kernel", str(p)), "neither an ELF with a PVH entry note nor a bzImage")
 
 
 def test_kernel_without_pvh_note(elf_without_pvh_note):

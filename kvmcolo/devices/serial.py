@@ -2,8 +2,11 @@
 
 Output goes to a binary stream (the VMM's stdout or a log file), flushed at
 every newline so a reader sees whole lines promptly.  Input is pushed in by
-the VMM (feed()) from stdin when it is interactive.  The transmitter is
-infinitely fast: the line status always says "transmitter empty".
+the VMM (feed()) from stdin when it is interactive, or from the control
+socket; a BREAK (send_break()) arrives as a NUL with the line status's BI
+bit, as on a real line, which is how a Linux console takes a magic SysRq.
+The transmitter is infinitely fast: the line status always says
+"transmitter empty".
 """
 
 from __future__ import annotations
@@ -33,10 +36,12 @@ IIR_RDA = 0x04
 IIR_FIFO = 0xC0
 LCR_DLAB = 0x80
 LSR_DR = 0x01
+LSR_BI = 0x10  # break interrupt: the character at the head of the FIFO is a BREAK
 LSR_THRE = 0x20
 LSR_TEMT = 0x40
 MSR_DCD_DSR_CTS = 0xB0
 RX_FIFO_LIMIT = 4096
+BREAK = 0x100  # in the receive queue: a BREAK condition (reads as NUL, with LSR_BI)
 
 
 class Serial8250:
@@ -64,6 +69,13 @@ class Serial8250:
             self._rx.extend(data[:room])
             self._update_irq()
 
+    def send_break(self) -> None:
+        """Hold the line in BREAK for a character time."""
+        with self._lock:
+            if len(self._rx) < RX_FIFO_LIMIT:
+                self._rx.append(BREAK)
+            self._update_irq()
+
     # ---- bus side ----
 
     def io_read(self, offset: int, size: int) -> int:
@@ -74,7 +86,7 @@ class Serial8250:
                     return self._dll
                 value = self._rx.popleft() if self._rx else 0
                 self._update_irq()
-                return value
+                return value & 0xFF
             if offset == IER:
                 return self._dlm if dlab else self._ier
             if offset == IIR_FCR:
@@ -88,7 +100,7 @@ class Serial8250:
             if offset == MCR:
                 return self._mcr
             if offset == LSR:
-                return LSR_THRE | LSR_TEMT | (LSR_DR if self._rx else 0)
+                return LSR_THRE | LSR_TEMT | (LSR_DR if self._rx else 0) | (LSR_BI if self._rx and self._rx[0] == BREAK else 0)
             if offset == MSR:
                 return MSR_DCD_DSR_CTS
             return self._scr
@@ -151,14 +163,20 @@ class Serial8250:
     def save_state(self) -> dict:
         with self._lock:
             state = {name.lstrip("_"): getattr(self, name) for name in self._REGISTERS}
-            state["rx"] = bytes(self._rx).hex()
+            state["rx"] = bytes(b & 0xFF for b in self._rx).hex()
+            state["rx_breaks"] = [i for i, b in enumerate(self._rx) if b == BREAK]
             return state
 
     def load_state(self, state: dict) -> None:
         with self._lock:
             for name in self._REGISTERS:
                 setattr(self, name, type(getattr(self, name))(state[name.lstrip("_")]))
-            self._rx = collections.deque(bytes.fromhex(state["rx"]))
+            rx = list(bytes.fromhex(state["rx"]))
+            for i in state.get("rx_breaks", []):  # saved before BREAK existed: none
+                if not 0 <= i < len(rx):
+                    raise ValueError(f"saved serial state has a BREAK at {i}, outside its {len(rx)}-byte queue")
+                rx[i] = BREAK
+            self._rx = collections.deque(rx)
             self._set_irq(self._irq_level)
 
     def flush(self) -> None:
