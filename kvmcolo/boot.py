@@ -29,7 +29,7 @@ from elftools.elf.elffile import ELFFile
 
 from kvmcolo import acpi, mptable
 from kvmcolo.errors import UserError
-from kvmcolo.files import open_regular
+from kvmcolo.files import open_input
 from kvmcolo.memory import PAGE_SIZE, GuestMemory
 
 XEN_ELFNOTE_PHYS32_ENTRY = 18
@@ -74,15 +74,7 @@ class PvhImage:
 
 def read_pvh_image(path: str) -> PvhImage:
     """Parse a PVH ELF kernel.  Raises UserError for anything that is not one."""
-    try:
-        f = open_regular(path, "kernel")
-    except FileNotFoundError:
-        raise UserError(f"kernel {path!r} does not exist")
-    except IsADirectoryError:
-        raise UserError(f"kernel {path!r} is a directory, not an ELF file")
-    except OSError as e:
-        raise UserError(f"cannot read kernel {path!r}: {e.strerror}")
-    with f:
+    with open_input(path, "kernel") as f:
         try:
             entry, segments = _pvh_segments(f, path)
         except UserError:
@@ -228,8 +220,7 @@ def pvh_boot_cpu_state(vcpu, entry: int, start_info: int) -> None:
         seg = getattr(sregs, name)
         seg.base, seg.limit, seg.selector, seg.type = 0, 0xFFFFFFFF, selector, seg_type
         seg.present, seg.dpl, seg.db, seg.s, seg.l, seg.g, seg.avl, seg.unusable = 1, 0, 1, 1, 0, 1, 0, 0
-    sregs.tr.base, sregs.tr.limit, sregs.tr.selector, sregs.tr.type = 0, 0x67, 0x20, 0xB
-    sregs.tr.present, sregs.tr.s, sregs.tr.g, sregs.tr.unusable = 1, 0, 0, 0
+    boot_task_register(sregs)
     sregs.cr0 = 0x11  # PE | ET
     sregs.cr4 = 0
     sregs.efer = 0
@@ -239,3 +230,10 @@ def pvh_boot_cpu_state(vcpu, entry: int, start_info: int) -> None:
     regs.rbx = start_info
     regs.rflags = 0x2
     vcpu.set_regs(regs)
+
+
+def boot_task_register(sregs) -> None:
+    """A busy 32/64-bit TSS descriptor in TR: KVM refuses a protected- or
+    long-mode vCPU without one, and no kernel uses it before loading its own."""
+    sregs.tr.base, sregs.tr.limit, sregs.tr.selector, sregs.tr.type = 0, 0x67, 0x20, 0xB
+    sregs.tr.present, sregs.tr.s, sregs.tr.g, sregs.tr.unusable = 1, 0, 0, 0

@@ -184,8 +184,7 @@ def boot_cpu_state(vcpu, entry: int, zero_page: int) -> None:
         seg.type = 0xB if code else 0x3
         seg.present, seg.dpl, seg.s, seg.g, seg.avl, seg.unusable = 1, 0, 1, 1, 0, 0
         seg.l, seg.db = (1, 0) if code else (0, 1)
-    sregs.tr.base, sregs.tr.limit, sregs.tr.selector, sregs.tr.type = 0, 0x67, 0x20, 0xB
-    sregs.tr.present, sregs.tr.s, sregs.tr.g, sregs.tr.unusable = 1, 0, 0, 0
+    boot.boot_task_register(sregs)
     sregs.gdt.base, sregs.gdt.limit = GDT_GPA, 4 * 8 - 1
     sregs.idt.base, sregs.idt.limit = 0, 0
     sregs.cr0 = 0x80000011  # PG | ET | PE

@@ -162,8 +162,9 @@ def _add_vm_options(parser, kernel_required: bool) -> None:
     parser.add_argument("--mem", default="256M", metavar="SIZE", help="guest RAM, e.g. 256M or 1G (default 256M)")
     parser.add_argument("--cpus", default=1, type=int, metavar="N", help="number of vCPUs (default 1)")
     parser.add_argument("--cpu", default="host", metavar="MODEL",
-                        help="CPU features the guest sees: host[,+FEATURE|-FEATURE]... (default host; "
-                        "e.g. host,-pv-send-ipi; the features are listed in docs/deploy.md)")  # fmt: skip
+                        help="CPU features the guest sees: host|base[,+FEATURE|-FEATURE]... (default host; base "
+                        "is a portable x86-64 CPU; e.g. host,-pv-send-ipi; the features are listed in "
+                        "docs/deploy.md)")  # fmt: skip
     parser.add_argument("--initrd", metavar="PATH", help="initrd / module handed to the kernel")
     parser.add_argument("--serial-log", metavar="FILE", help="write the guest console to FILE instead of stdout")
     parser.add_argument("--disk", action="append", default=[], metavar="PATH[,ro]",

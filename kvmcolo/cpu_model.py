@@ -1,7 +1,8 @@
 """Layer 2: the CPU model — which CPUID features the guest is shown.
 
     host                      everything this host's KVM supports (the default)
-    host,-pv-send-ipi,+x2apic  that, with features taken away or required
+    base                      a portable x86-64 CPU (below), the same on any host
+    host,-pv-send-ipi,+x2apic  either, with features taken away or required
 
 A feature is named once here (leaf, subleaf, register, bit), the same on
 every vendor.  `-name` clears the bit; `+name` requires it, and a host that
@@ -41,7 +42,27 @@ FEATURES: dict[str, tuple[int, int, str, int]] = {
     **{name: (0x8000_0001, 0, "edx", bit) for name, bit in (("rdtscp", 27), ("pdpe1gb", 26))},
     **{name: (0x8000_0001, 0, "ecx", bit) for name, bit in (("lahf-lm", 0), ("abm", 5))},
 }  # fmt: skip
-MODELS = ("host",)
+MODELS = ("host", "base")
+
+# The base model: the x86-64 baseline every 64-bit CPU has (leaf 1's EDX:
+# up to SSE2; syscall, NX and long mode) with CMPXCHG16B and LAHF in long
+# mode, the APIC features KVM emulates on any host (x2APIC, TSC deadline),
+# and the KVM PV features that need nothing of the host (kvmclock, steal
+# time, PV EOI).  Everything else in the feature leaves is hidden: no SSE3
+# and later, no XSAVE/AVX, nothing of leaf 7, no RDTSCP or 1 GiB pages.  Not
+# x86-64-v2, deliberately: KVM need not offer SSE3-4.2 (nested PVM offers
+# none of them), and a model some hosts cannot run is not portable.  A pair
+# of different CPUs running `base` shows its guest the same CPU on both.
+BASE_FEATURES = frozenset({
+    "cx16", "x2apic", "tsc-deadline", "lahf-lm", "kvmclock", "nop-io-delay", "kvmclock2", "steal-time", "pv-eoi"})  # fmt: skip
+_LONG_MODE_EDX = (1 << 11) | (1 << 20) | (1 << 29) | 0x0183_F3FF  # syscall, nx, lm, and leaf 1's mirrored bits
+# (leaf, subleaf, register) -> the bits base keeps besides its named features
+_BASE_KEEP: dict[tuple[int, int, str], int] = {
+    (1, 0, "ecx"): 1 << 31,  # the hypervisor bit
+    (7, 0, "ebx"): 0, (7, 0, "ecx"): 0, (7, 0, "edx"): 0, (7, 1, "eax"): 0,
+    (0x8000_0001, 0, "ecx"): 0, (0x8000_0001, 0, "edx"): _LONG_MODE_EDX,
+    (KVM_FEATURES, 0, "eax"): 1 << 24,  # kvmclock's stable bit
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -72,13 +93,35 @@ class CpuModel:
         """Change a CPUID table (kvm_cpuid_entry2 pointers) in place; UserError
         if a required feature is not in it."""
         by_leaf = {(e.function, e.index): e for e in entries}
-        for name in sorted(self.add):
+        for name in sorted(self.add):  # required of the host, whatever the model hides
             leaf, sub, reg, bit = FEATURES[name]
             e = by_leaf.get((leaf, sub))
             if e is None or not getattr(e, reg) >> bit & 1:
                 raise UserError(f"--cpu: this host cannot provide +{name}")
+        if self.base == "base":
+            self._apply_base(by_leaf)
+            for name in self.add:  # shown on top of the base model
+                leaf, sub, reg, bit = FEATURES[name]
+                e = by_leaf[(leaf, sub)]
+                setattr(e, reg, getattr(e, reg) | 1 << bit)
         for name in self.remove:
             leaf, sub, reg, bit = FEATURES[name]
             e = by_leaf.get((leaf, sub))
             if e is not None:
                 setattr(e, reg, getattr(e, reg) & ~(1 << bit))
+
+    @staticmethod
+    def _apply_base(by_leaf: dict) -> None:
+        for name in sorted(BASE_FEATURES):
+            leaf, sub, reg, bit = FEATURES[name]
+            e = by_leaf.get((leaf, sub))
+            if e is None or not getattr(e, reg) >> bit & 1:
+                raise UserError(f"--cpu base: this host lacks {name}, which the base model has")
+        keep = dict(_BASE_KEEP)
+        for name in BASE_FEATURES:
+            leaf, sub, reg, bit = FEATURES[name]
+            keep[(leaf, sub, reg)] = keep.get((leaf, sub, reg), 0) | 1 << bit
+        for (leaf, sub, reg), mask in keep.items():
+            e = by_leaf.get((leaf, sub))
+            if e is not None:
+                setattr(e, reg, getattr(e, reg) & mask)

@@ -27,3 +27,15 @@ def open_regular(path: str, what: str) -> BinaryIO:
     except BaseException:
         os.close(fd)
         raise
+
+
+def open_input(path: str, what: str) -> BinaryIO:
+    """open_regular, with every failure a UserError naming `what` and `path`."""
+    try:
+        return open_regular(path, what)
+    except FileNotFoundError:
+        raise UserError(f"{what} {path!r} does not exist")
+    except IsADirectoryError:
+        raise UserError(f"{what} {path!r} is a directory, not a file")
+    except OSError as e:
+        raise UserError(f"cannot read {what} {path!r}: {e.strerror}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from kvmcolo import acpi, boot, bzimage
 from kvmcolo.errors import UserError
-from kvmcolo.files import open_regular
+from kvmcolo.files import open_input
 from kvmcolo.memory import GuestMemory
 
 Kernel = boot.PvhImage | bzimage.BzImage
@@ -21,15 +21,7 @@ _SNIFF = 0x400  # enough for the ELF magic and the bzImage setup header
 
 def read_kernel(path: str) -> Kernel:
     """Read a kernel in whichever format it is; UserError if neither."""
-    try:
-        f = open_regular(path, "kernel")
-    except FileNotFoundError:
-        raise UserError(f"kernel {path!r} does not exist")
-    except IsADirectoryError:
-        raise UserError(f"kernel {path!r} is a directory, not a kernel")
-    except OSError as e:
-        raise UserError(f"cannot read kernel {path!r}: {e.strerror}")
-    with f:
+    with open_input(path, "kernel") as f:
         try:
             head = f.read(_SNIFF)
             if bzimage.is_bzimage(head):

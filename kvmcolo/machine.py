@@ -30,7 +30,7 @@ from kvmcolo.devices.virtio_mmio import MMIO_WINDOW, VirtioMmio
 from kvmcolo.devices.virtio_net import DEFAULT_MAC, VirtioNet, parse_mac
 from kvmcolo.errors import UserError
 from kvmcolo.event_loop import EventLoop
-from kvmcolo.files import open_regular
+from kvmcolo.files import open_input
 from kvmcolo.kvm_ffi import Kvm
 from kvmcolo.run_state import OPERATOR, RunState
 from kvmcolo.vm import Vm, VmExit
@@ -87,11 +87,11 @@ class Machine:
         self.kernel_format = kernels.describe(image) if image is not None else None  # "PVH ELF, ..." or "bzImage, ..."
         initrd = None
         if config.initrd and image is not None:
-            try:
-                with open_regular(config.initrd, "initrd") as f:
+            with open_input(config.initrd, "initrd") as f:
+                try:
                     initrd = (config.initrd, f.read())
-            except OSError as e:
-                raise UserError(f"cannot read initrd {config.initrd!r}: {e.strerror}")
+                except OSError as e:
+                    raise UserError(f"cannot read initrd {config.initrd!r}: {e.strerror}")
 
         if len(config.disks) + len(config.nets) > len(VIRTIO_GSIS):
             raise UserError(f"at most {len(VIRTIO_GSIS)} disks and network devices in all")

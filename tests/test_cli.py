@@ -38,6 +38,20 @@ def test_missing_kernel(tmp_path):
     assert_user_error(kvmcolo_cmd("run", "--kernel", str(tmp_path / "nope")), "does not exist")
 
 
+@pytest.mark.parametrize("what, message", [("missing", "does not exist"), ("folder", "is a directory"),
+                                           ("fifo", "is not a regular file")])  # fmt: skip
+def test_initrd_that_is_not_a_file(tmp_path, images, what, message):
+    from kvmcolo.guest_images import image_path
+
+    initrd = tmp_path / what
+    if what == "folder":
+        initrd.mkdir()
+    elif what == "fifo":
+        os.mkfifo(initrd)
+    proc = kvmcolo_cmd("run", "--kernel", str(image_path("hello")), "--initrd", str(initrd))
+    assert_user_error(proc, "initrd", message)
+
+
 def test_kernel_neither_elf_nor_bzimage(tmp_path):
     p = tmp_path / "text"
     p.write_text("not an elf at all\n" * 10)
