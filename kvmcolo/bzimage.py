@@ -61,6 +61,7 @@ class BzImage:
     kernel: bytes  # the protected-mode part, loaded at load_address
     load_address: int
     init_size: int  # memory the kernel needs from load_address while it decompresses
+    cmdline_size: int  # the longest command line it takes, without the NUL
 
     @property
     def entry(self) -> int:
@@ -97,8 +98,9 @@ def read_bzimage(path: str, data: bytes) -> BzImage:
     load_address = struct.unpack_from("<Q", data, _PREF_ADDRESS)[0]
     if not boot.HIGH_RAM_START <= load_address < 1 << 32:
         load_address = boot.HIGH_RAM_START  # a relocatable kernel moves itself from here
-    init_size = struct.unpack_from("<I", data, _INIT_SIZE)[0]
-    return BzImage(path, version, data[_SETUP_SECTS:header_end], data[kernel_at:], load_address, init_size)
+    init_size, cmdline_size = (struct.unpack_from("<I", data, at)[0] for at in (_INIT_SIZE, _CMDLINE_SIZE))
+    return BzImage(path, version, data[_SETUP_SECTS:header_end], data[kernel_at:], load_address, init_size,
+                   cmdline_size)  # fmt: skip
 
 
 def load_bzimage(
@@ -114,7 +116,7 @@ def load_bzimage(
         raise UserError(f"kernel {image.path!r} needs RAM up to {image.end:#x} to decompress "
                         f"({mem.size >> 20} MiB given); give it more with --mem")  # fmt: skip
     raw_cmdline = cmdline.encode()
-    cmdline_max = min(boot.CMDLINE_MAX, struct.unpack_from("<I", _padded(image.header), _CMDLINE_SIZE - _SETUP_SECTS)[0] + 1)
+    cmdline_max = min(boot.CMDLINE_MAX, image.cmdline_size + 1)
     if len(raw_cmdline) >= cmdline_max or b"\0" in raw_cmdline:
         raise UserError(f"command line must be under {cmdline_max} bytes for this kernel, with no NUL")
 
@@ -144,10 +146,6 @@ def load_bzimage(
     mem.write(ZERO_PAGE_GPA, bytes(zp))
     _write_gdt_and_page_tables(mem)
     return ZERO_PAGE_GPA
-
-
-def _padded(header: bytes) -> bytes:
-    return header + bytes(max(0, 0x80 - len(header)))
 
 
 def _place_initrd(mem: GuestMemory, image: BzImage, initrd: bytes, zp: bytearray) -> int:

@@ -93,35 +93,32 @@ class CpuModel:
         """Change a CPUID table (kvm_cpuid_entry2 pointers) in place; UserError
         if a required feature is not in it."""
         by_leaf = {(e.function, e.index): e for e in entries}
-        for name in sorted(self.add):  # required of the host, whatever the model hides
-            leaf, sub, reg, bit = FEATURES[name]
-            e = by_leaf.get((leaf, sub))
-            if e is None or not getattr(e, reg) >> bit & 1:
-                raise UserError(f"--cpu: this host cannot provide +{name}")
+        missing = _missing(by_leaf, self.add)  # required of the host, whatever the model hides
+        if missing:
+            raise UserError(f"--cpu: this host cannot provide +{missing[0]}")
         if self.base == "base":
-            self._apply_base(by_leaf)
-            for name in self.add:  # shown on top of the base model
+            missing = _missing(by_leaf, BASE_FEATURES)
+            if missing:
+                raise UserError(f"--cpu base: this host lacks {missing[0]}, which the base model has")
+            keep = dict(_BASE_KEEP)
+            for name in BASE_FEATURES | self.add:  # the base model, and what was added on top of it
                 leaf, sub, reg, bit = FEATURES[name]
-                e = by_leaf[(leaf, sub)]
-                setattr(e, reg, getattr(e, reg) | 1 << bit)
+                keep[(leaf, sub, reg)] = keep.get((leaf, sub, reg), 0) | 1 << bit
+            for (leaf, sub, reg), mask in keep.items():
+                if (e := by_leaf.get((leaf, sub))) is not None:
+                    setattr(e, reg, getattr(e, reg) & mask)
         for name in self.remove:
             leaf, sub, reg, bit = FEATURES[name]
-            e = by_leaf.get((leaf, sub))
-            if e is not None:
+            if (e := by_leaf.get((leaf, sub))) is not None:
                 setattr(e, reg, getattr(e, reg) & ~(1 << bit))
 
-    @staticmethod
-    def _apply_base(by_leaf: dict) -> None:
-        for name in sorted(BASE_FEATURES):
-            leaf, sub, reg, bit = FEATURES[name]
-            e = by_leaf.get((leaf, sub))
-            if e is None or not getattr(e, reg) >> bit & 1:
-                raise UserError(f"--cpu base: this host lacks {name}, which the base model has")
-        keep = dict(_BASE_KEEP)
-        for name in BASE_FEATURES:
-            leaf, sub, reg, bit = FEATURES[name]
-            keep[(leaf, sub, reg)] = keep.get((leaf, sub, reg), 0) | 1 << bit
-        for (leaf, sub, reg), mask in keep.items():
-            e = by_leaf.get((leaf, sub))
-            if e is not None:
-                setattr(e, reg, getattr(e, reg) & mask)
+
+def _missing(by_leaf: dict, names) -> list[str]:
+    """The named features the table does not have, sorted."""
+    out = []
+    for name in sorted(names):
+        leaf, sub, reg, bit = FEATURES[name]
+        e = by_leaf.get((leaf, sub))
+        if e is None or not getattr(e, reg) >> bit & 1:
+            out.append(name)
+    return out

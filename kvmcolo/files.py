@@ -39,3 +39,12 @@ def open_input(path: str, what: str) -> BinaryIO:
         raise UserError(f"{what} {path!r} is a directory, not a file")
     except OSError as e:
         raise UserError(f"cannot read {what} {path!r}: {e.strerror}")
+
+
+def read_input(path: str, what: str) -> bytes:
+    """The whole of a file a user named; every failure a UserError."""
+    with open_input(path, what) as f:
+        try:
+            return f.read()
+        except OSError as e:
+            raise UserError(f"cannot read {what} {path!r}: {e.strerror}")

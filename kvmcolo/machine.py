@@ -30,7 +30,7 @@ from kvmcolo.devices.virtio_mmio import MMIO_WINDOW, VirtioMmio
 from kvmcolo.devices.virtio_net import DEFAULT_MAC, VirtioNet, parse_mac
 from kvmcolo.errors import UserError
 from kvmcolo.event_loop import EventLoop
-from kvmcolo.files import open_input
+from kvmcolo.files import read_input
 from kvmcolo.kvm_ffi import Kvm
 from kvmcolo.run_state import OPERATOR, RunState
 from kvmcolo.vm import Vm, VmExit
@@ -85,13 +85,7 @@ class Machine:
             raise UserError(f"--mem must be at least {MIN_MEM >> 20} MiB and a multiple of 4 KiB")
         image = kernels.read_kernel(config.kernel) if boot_kernel else None
         self.kernel_format = kernels.describe(image) if image is not None else None  # "PVH ELF, ..." or "bzImage, ..."
-        initrd = None
-        if config.initrd and image is not None:
-            with open_input(config.initrd, "initrd") as f:
-                try:
-                    initrd = (config.initrd, f.read())
-                except OSError as e:
-                    raise UserError(f"cannot read initrd {config.initrd!r}: {e.strerror}")
+        initrd = (config.initrd, read_input(config.initrd, "initrd")) if config.initrd and image is not None else None
 
         if len(config.disks) + len(config.nets) > len(VIRTIO_GSIS):
             raise UserError(f"at most {len(VIRTIO_GSIS)} disks and network devices in all")

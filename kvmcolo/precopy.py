@@ -162,12 +162,12 @@ class PrecopyCore:
         return self.rounds[-1].dirty_pages / self.rounds[-1].seconds
 
     def status(self) -> dict:
-        bw, expected = self.bandwidth(), self.expected_downtime_s()
+        bw, expected, rate = self.bandwidth(), self.expected_downtime_s(), self.dirty_rate()
         return {
             "state": self.state, "round": len(self.rounds) + (1 if self.state in (FULL, ITERATING) else 0),
             "sent_mib": round(sum(r.sent_bytes for r in self.rounds) / 2**20, 2),
             "remaining_mib": round(self.remaining_bytes() / 2**20, 2),
-            "dirty_pages_per_s": None if self.dirty_rate() is None else round(self.dirty_rate()),
+            "dirty_pages_per_s": None if rate is None else round(rate),
             "expected_downtime_ms": None if expected is None else round(expected * 1e3, 1),
             "eta_s": None if bw is None else round(self.remaining_bytes() / bw, 2),
             "throttle_pct": self.throttle_pct, "stop_reason": self.stop_reason,

@@ -31,10 +31,15 @@ class Guest:
             self.running = True
 
 
-def test_throttle_holds_the_guest_in_slices_and_lets_it_go_at_the_end():
+@pytest.fixture
+def throttled():
     guest = Guest()
     rs = RunState(guest.stop, guest.go)
-    t = Throttle(rs)
+    return guest, rs, Throttle(rs)
+
+
+def test_throttle_holds_the_guest_in_slices_and_lets_it_go_at_the_end(throttled):
+    guest, rs, t = throttled
     t.set(50)
     wait_until(lambda: t.slices >= 3, "three throttle slices", timeout=5)
     assert guest.stops >= 3
@@ -44,10 +49,8 @@ def test_throttle_holds_the_guest_in_slices_and_lets_it_go_at_the_end():
     assert REASON not in rs.holds() and guest.running
 
 
-def test_an_operator_stop_outlasts_the_throttle():
-    guest = Guest()
-    rs = RunState(guest.stop, guest.go)
-    t = Throttle(rs)
+def test_an_operator_stop_outlasts_the_throttle(throttled):
+    guest, rs, t = throttled
     t.set(90)
     wait_until(lambda: t.slices >= 1, "a throttle slice", timeout=5)
     rs.set_operator(True)
@@ -57,10 +60,8 @@ def test_an_operator_stop_outlasts_the_throttle():
     assert guest.running
 
 
-def test_zero_means_not_at_all_and_the_range_is_checked():
-    guest = Guest()
-    rs = RunState(guest.stop, guest.go)
-    t = Throttle(rs)
+def test_zero_means_not_at_all_and_the_range_is_checked(throttled):
+    guest, _, t = throttled
     t.set(0)
     assert t.slices == 0 and guest.stops == 0  # no thread was even started
     for bad in (-1, 100):

@@ -99,14 +99,14 @@ class CmosRtc:
     def _latch_time(self) -> None:
         """Put the guest's current time in the time registers, in register B's format."""
         t = time.gmtime(int(self._now() + self._offset))
-        hour, binary = t.tm_hour, bool(self._cmos[REG_B] & B_BINARY)
-        if not self._cmos[REG_B] & B_24H:
-            hour = (hour % 12 or 12) | (0x80 if t.tm_hour >= 12 else 0)
-        enc = (lambda v: v) if binary else _to_bcd
+        enc = (lambda v: v) if self._cmos[REG_B] & B_BINARY else _to_bcd
         for reg, v in ((SECONDS, t.tm_sec), (MINUTES, t.tm_min), (WEEKDAY, (t.tm_wday + 1) % 7 + 1),
                        (DAY, t.tm_mday), (MONTH, t.tm_mon), (YEAR, t.tm_year % 100), (CENTURY, t.tm_year // 100)):  # fmt: skip
             self._cmos[reg] = enc(v)
-        self._cmos[HOURS] = (enc(hour & 0x7F) | (hour & 0x80)) if not self._cmos[REG_B] & B_24H else enc(hour)
+        hour, pm = t.tm_hour, 0
+        if not self._cmos[REG_B] & B_24H:  # 1-12, with the top bit for PM
+            hour, pm = hour % 12 or 12, 0x80 if hour >= 12 else 0
+        self._cmos[HOURS] = enc(hour) | pm
 
     def _registers_time(self) -> float:
         """The time the guest wrote in the time registers, as seconds since the epoch."""
