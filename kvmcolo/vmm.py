@@ -167,10 +167,12 @@ class Vmm:
     def run(self, paused: bool = False) -> VmExit:
         """Serve the control socket and run the guest until it ends
         (paused: built and served, but held until 'cont')."""
+        if paused:
+            # Held before the socket answers anyone: a client's first command
+            # must find the guest paused, not race the hold.
+            self.machine.start_paused()
         with self._serving():
-            if paused:
-                self.machine.start_paused()
-            else:
+            if not paused:
                 self.machine.start()
             return self.machine.wait()
 
