@@ -92,28 +92,28 @@ def _build_parser() -> argparse.ArgumentParser:
     role.add_argument("--secondary", action="store_true", help="wait on --listen for the primary and follow it")
     boot.add_argument("--peer", metavar="HOST:PORT", help="the secondary's replication address (primary)")
     boot.add_argument("--listen", metavar="HOST:PORT", help="address to wait for the primary on (secondary)")
-    boot.add_argument("--key-file", required=True, metavar="FILE", help="shared secret (>= 16 bytes), same on both hosts")
-    boot.add_argument("--checkpoint-delay", type=number(float, 1, 3_600_000, " ms"), default=100, metavar="MS",
-                      help="checkpoint at least this often, in ms (default 100)")
-    boot.add_argument("--heartbeat-interval", type=number(float, 1, 60_000, " ms"), default=100, metavar="MS",
-                      help="default 100 ms")
-    boot.add_argument("--heartbeat-timeout", type=number(float, 10, 600_000, " ms"), default=1000, metavar="MS",
-                      help="peer declared lost after this much silence (default 1000 ms)")
-    boot.add_argument("--no-resume-early", dest="resume_early", action="store_false",
-                      help="keep the primary paused until the secondary has loaded each checkpoint")
-    boot.add_argument("--compare-timeout", type=number(float, 1, 60_000, " ms"), default=500, metavar="MS",
-                      help="a checkpoint is forced when a primary packet waits this long for the secondary's "
-                      "copy (default 500 ms)")
-    boot.add_argument("--max-queue", type=number(int, 1, 1_000_000), default=1024, metavar="N",
-                      help="held primary packets per connection before a checkpoint is forced (default 1024)")
-    boot.add_argument("--fence-command", metavar="CMD",
-                      help="run (sh -c) when the peer is lost, before going on alone or taking over: exit 0 = "
-                      "the peer is fenced; anything else = this side stops (exit 3) to avoid a split brain")
+    _add_colo_options(boot)
     boot.add_argument("--overlay-dir", metavar="DIR",
                       help="where the secondary mounts its disk overlays (default /run/kvmcolo/overlay)")
-    boot.add_argument("--verify-every", type=number(int, 0, 1_000_000), default=0, metavar="N", help=argparse.SUPPRESS)
     _add_vm_options(boot, kernel_required=False)
     _add_control_option(boot, serve=True)
+
+    protect = sub.add_parser(
+        "protect",
+        help="make a running guest the COLO primary of a new pair, live",
+        description="Protect a running guest (a 'kvmcolo run' VMM, or a survivor running alone after a "
+        "failover) without stopping it: its RAM is copied to the secondary while it runs, then the rest "
+        "with its vCPU and device state in one short stop (at most about --max-downtime), and "
+        "checkpoints begin. Start the secondary first, with the same VM options. Waits until the guest "
+        "is protected, showing the pre-copy's progress.",
+        epilog="Example:\n"
+        "  hostB# kvmcolo boot --secondary --listen 0.0.0.0:7777 --key-file /etc/kvmcolo.key --image dirty\n"
+        "  hostA# kvmcolo protect --peer hostB:7777 --key-file /etc/kvmcolo.key",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    protect.add_argument("--peer", required=True, metavar="HOST:PORT", help="the secondary's replication address")
+    _add_colo_options(protect)
+    _add_control_option(protect)
 
     restore = sub.add_parser(
         "restore",
@@ -176,6 +176,48 @@ def _add_vm_options(parser, kernel_required: bool) -> None:
     parser.add_argument("--no-ioeventfd", dest="ioeventfd", action="store_false",
                         help="take queue notifications as MMIO exits instead of in-kernel ioeventfds (for measuring)")
     parser.add_argument("guest_args", nargs="*", metavar="-- PARAM", help="words appended to the command line")
+
+
+def _add_colo_options(parser) -> None:
+    """What a COLO primary and secondary are tuned with (boot and protect)."""
+    parser.add_argument("--key-file", required=True, metavar="FILE",
+                        help="shared secret (>= 16 bytes), same on both hosts")  # fmt: skip
+    parser.add_argument("--checkpoint-delay", type=number(float, 1, 3_600_000, " ms"), default=100, metavar="MS",
+                        help="checkpoint at least this often, in ms (default 100)")
+    parser.add_argument("--heartbeat-interval", type=number(float, 1, 60_000, " ms"), default=100, metavar="MS",
+                        help="default 100 ms")
+    parser.add_argument("--heartbeat-timeout", type=number(float, 10, 600_000, " ms"), default=1000, metavar="MS",
+                        help="peer declared lost after this much silence (default 1000 ms)")
+    parser.add_argument("--no-resume-early", dest="resume_early", action="store_false",
+                        help="keep the primary paused until the secondary has loaded each checkpoint")
+    parser.add_argument("--compare-timeout", type=number(float, 1, 60_000, " ms"), default=500, metavar="MS",
+                        help="a checkpoint is forced when a primary packet waits this long for the secondary's "
+                        "copy (default 500 ms)")
+    parser.add_argument("--max-queue", type=number(int, 1, 1_000_000), default=1024, metavar="N",
+                        help="held primary packets per connection before a checkpoint is forced (default 1024)")
+    parser.add_argument("--fence-command", metavar="CMD",
+                        help="run (sh -c) when the peer is lost, before going on alone or taking over: exit 0 = "
+                        "the peer is fenced; anything else = this side stops (exit 3) to avoid a split brain")
+    parser.add_argument("--max-downtime", type=number(float, 1, 60_000, " ms"), default=100, metavar="MS",
+                        help="the initial copy's live pre-copy stops the guest once the rest can be sent in this "
+                        "long (default 100 ms: below TCP's 200 ms minimum retransmission timeout)")
+    parser.add_argument("--max-bandwidth", type=number(float, 1, 1_000_000, " MiB/s"), metavar="MIB/S",
+                        help="at most this much of the link for the pre-copy (default: all of it)")
+    parser.add_argument("--verify-every", type=number(int, 0, 1_000_000), default=0, metavar="N",
+                        help=argparse.SUPPRESS)  # fmt: skip
+
+
+def _colo_options(args):
+    from kvmcolo.colo_session import ColoOptions
+
+    if args.heartbeat_timeout <= args.heartbeat_interval:  # (each number's range is checked as it is parsed)
+        raise UserError("--heartbeat-timeout must be longer than --heartbeat-interval")
+    return ColoOptions(checkpoint_delay=args.checkpoint_delay / 1000, heartbeat_interval=args.heartbeat_interval / 1000,
+                       heartbeat_timeout=args.heartbeat_timeout / 1000, resume_early=args.resume_early,
+                       verify_every=args.verify_every, compare_timeout=args.compare_timeout / 1000,
+                       max_queue=args.max_queue, fence_command=args.fence_command,
+                       max_downtime=args.max_downtime / 1000,
+                       max_bandwidth=args.max_bandwidth * (1 << 20) if args.max_bandwidth else None)  # fmt: skip
 
 
 def _add_control_option(parser, serve: bool = False) -> None:
@@ -303,7 +345,6 @@ def _secondary_overlays(config, overlay_dir):
 
 def _cmd_boot(args) -> int:
     from kvmcolo import control, wire
-    from kvmcolo.colo_session import ColoOptions
     from kvmcolo.machine import Machine
     from kvmcolo.vmm import Vmm
 
@@ -313,15 +354,8 @@ def _cmd_boot(args) -> int:
         raise UserError("boot --secondary needs --listen HOST:PORT")
     if args.primary and not (args.kernel or args.image):
         raise UserError("boot --primary needs --kernel or --image")
-    # (each number's range is checked as it is parsed: argtypes.number)
-    if args.heartbeat_timeout <= args.heartbeat_interval:
-        raise UserError("--heartbeat-timeout must be longer than --heartbeat-interval")
+    options = _colo_options(args)
     key = wire.load_key(args.key_file)
-    options = ColoOptions(checkpoint_delay=args.checkpoint_delay / 1000, heartbeat_interval=args.heartbeat_interval / 1000,
-                          heartbeat_timeout=args.heartbeat_timeout / 1000, resume_early=args.resume_early,
-                          verify_every=args.verify_every,
-                          compare_timeout=args.compare_timeout / 1000, max_queue=args.max_queue,
-                          fence_command=args.fence_command)  # fmt: skip
     config = _machine_config(args, boot_kernel=args.primary)
     config.attach_bridges = bool(args.primary)  # the secondary's taps join their bridges at failover
     overlays, bases = [], []
@@ -374,6 +408,41 @@ def _cmd_restore(args) -> int:
     log.info("restored %s (%d file%s); the guest continues", args.files[-1], len(args.files),
              "s" if len(args.files) > 1 else "")  # fmt: skip
     return _serve(machine, args.control, serial_out, paused=args.paused)
+
+
+def _cmd_protect(args) -> int:
+    """Ask a running VMM to protect its guest, then follow the pre-copy
+    until it is protected (0) or the attempt failed (1, the guest runs on)."""
+    import dataclasses
+
+    from kvmcolo import control, wire
+
+    options = _colo_options(args)
+    _address(args.peer, "--peer")
+    key_file = os.path.abspath(args.key_file)
+    wire.load_key(key_file)  # a bad key file is this command's mistake: said here, at once
+    path = control.find_socket(args.control)
+    control.call(path, "protect", {"peer": args.peer, "key_file": key_file, "options": dataclasses.asdict(options)})
+    shown = None
+    while True:
+        c = control.call(path, "query-colo")
+        p = c.get("precopy") or {}
+        line = (f"pre-copy round {p['round']}: {p['sent_mib']} MiB sent, {p['remaining_mib']} MiB left, "
+                f"dirty {p['dirty_pages_per_s']} pages/s, expected downtime {p['expected_downtime_ms']} ms"
+                + (f", guest throttled {p['throttle_pct']}%" if p.get("throttle_pct") else "")) if p else None  # fmt: skip
+        if line and line != shown and c["state"] == "precopy":
+            print(f"kvmcolo: {line}", file=sys.stderr)
+            shown = line
+        if c["state"] == "colo":
+            print(f"protected by {c['peer']}: {p.get('round')} pre-copy rounds, {p.get('sent_mib')} MiB, "
+                  f"downtime {p.get('downtime_ms')} ms")  # fmt: skip
+            return 0
+        if c["state"] != "precopy":
+            why = c.get("last_error") or (c.get("internal_errors") or [c["state"]])[-1]
+            print(f"kvmcolo: protect failed: {why}; the guest runs on unprotected",
+                  file=sys.stderr)  # fmt: skip
+            return 1
+        time.sleep(0.1)  # a progress display: the VMM is asked again ten times a second
 
 
 def _open_serial_log(path):
@@ -493,6 +562,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_restore(args)
         if args.command == "boot":
             return _cmd_boot(args)
+        if args.command == "protect":
+            return _cmd_protect(args)
         if args.command == "demo":
             from kvmcolo import demo
 

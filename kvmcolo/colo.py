@@ -48,7 +48,9 @@ class Msg(enum.IntEnum):
     CONFIG = 1  # primary -> secondary: machine shape, host caps, parameters
     CONFIG_OK = 2
     CONFIG_REFUSED = 3  # with the reason
-    INITIAL_STATE = 4  # the first full copy
+    INITIAL_STATE = 4  # the end of the initial copy: vCPU, VM and device state with the last pages
+    PRECOPY_PAGES = 9  # primary -> secondary, before INITIAL_STATE: a RAM section of pages sent while the
+    #                    guest ran (a later one or INITIAL_STATE overwrites any page that changed since)
     DISK_HASHES = 5  # secondary -> primary: per-MiB hashes of each base disk (initial sync)
     DISK_WRITE = 6  # primary -> secondary: u16 disk, u64 offset, data (outside the transaction table:
     #                 kept pending, applied at the next checkpoint's load)

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import struct
+import threading
 
 from kvmcolo import jsonsafe, testhooks
 from kvmcolo.colo import Msg, ProtocolError
@@ -41,31 +42,50 @@ class PrimaryDisks:
         self._epoch = epoch
         self._on_lost = on_lost
         self.lost = False
+        self._observers: list = []  # (device, observer) this object attached
+        # A chunk's read and send are one step against the guest's writes:
+        # a write forwarded between them would reach the secondary before
+        # the older chunk that then overwrites it.
+        self._chunk_lock = threading.Lock()
 
     def sync(self) -> None:
-        """Initial sync, then forward every guest write from now on."""
+        """The initial sync, safe while the guest runs and writes: every
+        guest write is forwarded from before the hashes are taken (so a
+        chunk that changes after it was hashed or sent arrives as a write
+        after it), then the chunks whose hashes differ are sent."""
         mtype, payload = self.channel.recv()
         if mtype != Msg.DISK_HASHES:
             raise UserError(f"the secondary answered {mtype} instead of its disk hashes")
         theirs = jsonsafe.loads(bytes(payload))
+        for index, device in enumerate(self.machine.block_devices()):
+            observer = lambda offset, views, index=index: self._forward(index, offset, views)  # noqa: E731
+            device.write_observers.append(observer)
+            self._observers.append((device, observer))
         for index, (image, remote) in enumerate(zip(self.machine.disk_images, theirs)):
             local = chunk_hashes(image.path)
             differ = [i for i, (a, b) in enumerate(zip(local, remote)) if a != b]
             log.info("disk %d: %d of %d MiB differ on the secondary", index, len(differ), len(local))
             with open(image.path, "rb") as f:
                 for n, chunk in enumerate(differ, 1):
-                    data = os.pread(f.fileno(), HASH_CHUNK, chunk * HASH_CHUNK)
-                    self.channel.send(Msg.DISK_WRITE, [DISK_WRITE.pack(index, 0, chunk * HASH_CHUNK), data])
+                    with self._chunk_lock:
+                        data = os.pread(f.fileno(), HASH_CHUNK, chunk * HASH_CHUNK)
+                        self.channel.send(Msg.DISK_WRITE, [DISK_WRITE.pack(index, 0, chunk * HASH_CHUNK), data])
                     if n % 64 == 0 or n == len(differ):
                         log.info("disk %d: initial sync %d of %d MiB sent", index, n, len(differ))
-        for index, device in enumerate(self.machine.block_devices()):
-            device.write_observers.append(lambda offset, views, index=index: self._forward(index, offset, views))
+
+    def detach(self) -> None:
+        """Forward nothing more (protection ended; a new pair attaches its own)."""
+        self.lost = True
+        for device, observer in self._observers:  # a new list: the I/O thread may be iterating the old one
+            device.write_observers = [o for o in device.write_observers if o is not observer]
+        self._observers.clear()
 
     def _forward(self, index: int, offset: int, views) -> None:
         if self.lost:
             return
         try:
-            self.channel.send(Msg.DISK_WRITE, [DISK_WRITE.pack(index, self._epoch(), offset), *views])
+            with self._chunk_lock:
+                self.channel.send(Msg.DISK_WRITE, [DISK_WRITE.pack(index, self._epoch(), offset), *views])
         except ChannelError as e:
             self._on_lost(str(e))
 

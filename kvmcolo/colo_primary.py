@@ -34,6 +34,8 @@ from kvmcolo.colo_net import PrimaryNetwork
 from kvmcolo.colo_session import Checkpoint, ColoOptions, ColoStatus, Heartbeat, fence_peer, hang_up
 from kvmcolo.dirty_log import DirtyReader
 from kvmcolo.errors import UserError
+from kvmcolo.live_copy import LiveCopy
+from kvmcolo.precopy import Limits
 from kvmcolo.threads import guarded
 from kvmcolo.wire import Channel, ChannelError
 
@@ -51,12 +53,14 @@ class SecondaryLost(Exception):
 
 
 class ColoPrimary:
-    def __init__(self, machine, peer: tuple[str, int], key: bytes, options: ColoOptions):
+    def __init__(self, machine, peer: tuple[str, int], key: bytes, options: ColoOptions,
+                 status: ColoStatus | None = None):  # fmt: skip
+        """`status`: a survivor's, to keep its history when it is protected again."""
         self.machine = machine
         self.peer = peer
         self.key = key
         self.options = options
-        self.status = ColoStatus("primary")
+        self.status = status or ColoStatus("primary")
         self.status.set(peer=f"{peer[0]}:{peer[1]}")
         self.core = PrimaryCore(options.resume_early)
         self._core_lock = threading.Lock()  # the core is fed by the checkpoint thread and the receiver
@@ -84,7 +88,8 @@ class ColoPrimary:
         """Connect, authenticate, agree on the machine, sync the disks.
         `sock`: an already connected socket to use instead (test harness)."""
         m = self.machine
-        self.host = vmstate.HostCaps.of(m)
+        with m.held("precopy"):  # a running guest's vCPU is probed only while parked
+            self.host = vmstate.HostCaps.of(m)
         config = colo_link.config_message(m, self.host.as_meta(), self.options)
         handshake = self.options.heartbeat_timeout * 5
         if sock is None:
@@ -94,36 +99,43 @@ class ColoPrimary:
         self.disks = PrimaryDisks(m, self.channel, lambda: self._epoch, self._lose)
         self.disks.sync()
 
-    def initial_copy(self) -> None:
-        """The first full copy, before the guest first runs: RAM, vCPU, VM and
-        device state.  Returns when the secondary has loaded it."""
+    def protect(self, sock=None) -> None:
+        """Make the running (or held, not yet started) guest's copy on the
+        secondary through the live pre-copy, then replicate.  The guest
+        stops only for the final part: the last dirty pages with vCPU, VM
+        and device state, until the secondary has loaded them."""
+        t_start = time.perf_counter()
+        self.status.set(state="precopy")
+        self.connect(sock=sock)
         m = self.machine
-        self.dirty = dirty_log.of(m).reader("colo")
-        cap = vmstate.capture(m, self.dirty, vmstate.KIND_FULL, None, self.host)
-        self._epoch = 1  # writes from now on belong after the initial copy
-        parts = sections.encode(cap.sections)
-        total = sections.encoded_size(parts)
-        next_report = [0.0]
-
-        def progress(sent: int, size: int) -> None:
-            if size >= 4 << 20 and sent / size >= next_report[0]:
-                log.info("initial copy: %d of %d MiB sent", sent >> 20, size >> 20)
-                next_report[0] += 0.25
-
-        t0 = time.perf_counter()
+        with m.held("precopy"):  # logging starts (and the reader is armed) with the guest parked
+            self.dirty = dirty_log.of(m).reader("colo")
+        o = self.options
+        limits = Limits(o.max_downtime, o.max_rounds)
+        live = LiveCopy(m, self.channel, self.dirty, limits, o.max_bandwidth, lambda s: self.status.set(precopy=s))
         self.channel.timeout = max(self.channel.timeout, 60)
-        self.channel.send(Msg.INITIAL_STATE, parts, progress)
-        mtype, _ = self.channel.recv()
-        if mtype != Msg.VMSTATE_LOADED:
-            raise UserError(f"the secondary answered {mtype} to the initial copy")
-        self.channel.sock.settimeout(self.options.heartbeat_timeout)
-        self.channel.timeout = self.options.heartbeat_timeout
-        log.info("initial copy done: %d pages, %.1f MiB in %.2f s; COLO is running", cap.dirty_pages,
-                 total / (1 << 20), time.perf_counter() - t0)  # fmt: skip
+        self.channel.sock.settimeout(self.channel.timeout)
+        live.run()
+        t_stop = time.perf_counter()
+        with m.held("checkpoint"):
+            cap = vmstate.capture(m, self.dirty, vmstate.KIND_INCREMENTAL, None, self.host)
+            self._epoch = 1  # guest and I/O thread parked: writes from now on belong after the initial copy
+            self.channel.send(Msg.INITIAL_STATE, sections.encode(cap.sections))
+            mtype, _ = self.channel.recv()
+            if mtype != Msg.VMSTATE_LOADED:
+                raise UserError(f"the secondary answered {mtype} to the initial copy")
+            self.channel.sock.settimeout(o.heartbeat_timeout)
+            self.channel.timeout = o.heartbeat_timeout
+            self._start()  # the comparator takes the NICs before the guest runs on
+        summary = live.finished(time.perf_counter() - t_stop)
         self.status.set(state="colo")
+        self.status.protected_since(summary, time.perf_counter() - t_start)
+        log.info("initial copy done: %d rounds, %.1f MiB, %d pages with the final state, downtime %.1f ms "
+                 "(%s); COLO is running", len(live.core.rounds), summary["sent_mib"], cap.dirty_pages,
+                 summary["downtime_ms"], summary["stop_reason"])  # fmt: skip
 
-    def start(self) -> None:
-        """Start replicating (before the guest first runs)."""
+    def _start(self) -> None:
+        """Start replicating (the guest held)."""
         devices = self.machine.net_devices()
         if devices:
             self.network = PrimaryNetwork(devices, self.machine.taps, self.channel.send, lambda: self._epoch,
@@ -156,16 +168,30 @@ class ColoPrimary:
         self._send_goodbye(status, reason)
         self.close()
 
+    def abandon(self, reason: str) -> None:
+        """A protect attempt failed before protection began (the secondary
+        refused, went away, or the link failed): nothing of this attempt
+        stays attached, and the guest runs on alone."""
+        log.error("protect: %s; the guest runs on unprotected", reason)
+        self._lost.set()
+        if self.disks is not None:
+            self.disks.detach()
+        hang_up(None, self.channel)
+        self.status.set(state="alone", phase="idle", last_error=reason)
+
     def close(self) -> None:
         self._stopping.set()
         if self.network is not None:
             self.network.stop()
+        if self.disks is not None:
+            self.disks.detach()
         hang_up(self._heartbeat, self.channel)
 
     def _send_goodbye(self, status: int, reason: str) -> None:
         if self.channel is not None and not self._lost.is_set():
             try:
                 self.channel.send(Msg.GOODBYE, [json.dumps({"status": status, "reason": reason}).encode()])
+                self.channel.drain(self.options.heartbeat_timeout)  # the close that follows must not reset it away
             except ChannelError:
                 pass
 

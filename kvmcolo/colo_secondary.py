@@ -60,6 +60,7 @@ class ColoSecondary:
         self._checkpoint: Checkpoint | None = None  # the one being received or loaded
         self._seq = 0
         self._ended = threading.Event()
+        self._receive_ended = threading.Event()
         self._lock = threading.Lock()  # the core's state as failover sees it, and the SVM hold
         self._holding = False  # the SVM is held for a checkpoint (under _lock)
         self.goodbye: dict | None = None
@@ -93,10 +94,13 @@ class ColoSecondary:
         ch.timeout = 120
         ch.sock.settimeout(120)
         ch.send(Msg.DISK_HASHES, [self.disks.hashes_message()])
-        while True:  # the initial disk sync: differing chunks, then the initial copy
+        precopied = 0
+        while True:  # the disk sync and the live pre-copy (interleaved), then the final state
             mtype, payload = ch.recv()
             if mtype == Msg.DISK_WRITE:
                 self.disks.on_write(payload)
+            elif mtype == Msg.PRECOPY_PAGES:
+                precopied += self._adopt_precopy(payload)
             elif mtype == Msg.INITIAL_STATE:
                 break
             else:
@@ -116,7 +120,19 @@ class ColoSecondary:
         self._setup_network()
         ch.send(Msg.VMSTATE_LOADED)
         self.status.set(state="colo")
-        log.info("initial copy from %s loaded (%d pages); COLO is running", peer, snap.pages)
+        log.info("initial copy from %s loaded (%d pages pre-copied, %d with the final state); COLO is running", peer,
+                 precopied, snap.pages)
+
+    def _adopt_precopy(self, payload) -> int:
+        """Pages the primary sent while its guest ran: into the RAM cache and
+        the SVM (which does not run yet), all checked before any is written."""
+        try:
+            parts = vmstate.parse_ram(payload)
+            self.cache.adopt_precopy(parts)
+            vmstate.apply_ram_parts(self.machine.vm.memory, parts)
+        except (sections.StateFormatError, vmstate.IncompatibleState) as e:
+            raise UserError(f"the primary's pre-copy is unusable: {e}")
+        return sum(p.count for p in parts)
 
     def _setup_network(self) -> None:
         """The SVM's NICs take mirrored input and send to the primary; the
@@ -134,11 +150,19 @@ class ColoSecondary:
     def start(self) -> None:
         if self.network is not None:
             self.network.start()
-        self._heartbeat = Heartbeat(self.channel, self.options.heartbeat_interval,
-                                    lambda why: self.fail_over(f"heartbeat send failed: {why}"),
+        self._heartbeat = Heartbeat(self.channel, self.options.heartbeat_interval, self._heartbeat_failed,
                                     self._internal_error)  # fmt: skip
         self._heartbeat.start()
-        guarded("colo-secondary", self._loop, self._internal_error)
+        guarded("colo-secondary", self._receive, self._internal_error)
+
+    def _heartbeat_failed(self, why: str) -> None:
+        """The link broke under a send.  The primary's last words (a GOODBYE
+        saying this side must end rather than take over) may still be queued
+        here unread: the receive loop reads them first, then meets the same
+        broken link and fails over itself.  Only if it does not end within
+        the heartbeat timeout does this side fail over from here."""
+        if not self._receive_ended.wait(self.options.heartbeat_timeout):
+            self.fail_over(f"heartbeat send failed: {why}")
 
     def follows_peer(self) -> bool:
         """The SVM belongs to the primary until this side takes over."""
@@ -158,6 +182,12 @@ class ColoSecondary:
         self.machine.vm.request_exit(4, f"internal error in {thread}: the secondary ends; the primary goes on alone")
 
     # ---- the receive loop -----------------------------------------------------------
+
+    def _receive(self) -> None:
+        try:
+            self._loop()
+        finally:
+            self._receive_ended.set()
 
     def _loop(self) -> None:
         ch = self.channel
@@ -192,7 +222,13 @@ class ColoSecondary:
                 log.error("checkpoint %d rejected: %s; nothing of it was applied", self._seq + 1, e)
                 self.fail_over(f"corrupt checkpoint: {e}")
                 return
-            except (ChannelError, ValueError) as e:
+            except ChannelError as e:
+                if self._goodbye_queued():  # the link broke under a send, after the primary's last words
+                    self._end_with_primary()
+                else:
+                    self.fail_over(str(e))
+                return
+            except ValueError as e:
                 self.fail_over(str(e))
                 return
             except ProtocolError as e:
@@ -294,6 +330,25 @@ class ColoSecondary:
         self.failover_state.complete()
         self.status.set(state="active", phase="idle")
         self.status.failover("primary lost; the secondary took over", self.failover_state.reason)
+
+    def _goodbye_queued(self) -> bool:
+        """Whether a GOODBYE already waits, unread, behind the frames queued
+        here.  A primary that ends protection sends GOODBYE and closes; a send
+        of ours that meets the closed socket fails before the receive loop has
+        read that far, and taking over then would run a second copy of a
+        guest that goes on there.  Only what has already arrived is read
+        (no waiting: a partitioned link must fail over without delay); the
+        frames before the GOODBYE belong to a checkpoint that is not applied."""
+        ch = self.channel
+        try:
+            ch.sock.settimeout(0)
+            while True:
+                mtype, payload = ch.recv()
+                if mtype == Msg.GOODBYE:
+                    self.goodbye = jsonsafe.loads(bytes(payload))
+                    return True
+        except (ChannelError, OSError, ValueError):
+            return False
 
     def _end_with_primary(self) -> None:
         self._ended.set()

@@ -12,7 +12,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 
-from kvmcolo import testhooks
+from kvmcolo import precopy, testhooks
 from kvmcolo.colo import Msg
 from kvmcolo.threads import Periodic
 from kvmcolo.wire import Channel, ChannelError
@@ -39,6 +39,9 @@ class ColoOptions:
     max_queue: int = 1024  # held primary frames per connection before a checkpoint is forced
     fence_command: str | None = None  # run when the peer is lost; exit 0 = peer fenced, go on
     fence_timeout: float = 60.0
+    max_downtime: float = precopy.DEFAULT_MAX_DOWNTIME_S  # the initial copy's final stop (live pre-copy)
+    max_rounds: int = precopy.DEFAULT_MAX_ROUNDS
+    max_bandwidth: float | None = None  # bytes/s the pre-copy may use; None: as fast as the link goes
 
 
 @dataclass
@@ -102,13 +105,16 @@ class ColoStatus:
         self.phase = "idle"  # for tests: where in a checkpoint we are
         self.net_stats = None  # () -> dict of the network side's counters, once it runs
         self.internal_errors: list[str] = []  # unexpected exceptions that ended protection
+        self.precopy: dict | None = None  # the live pre-copy's progress (precopy.PrecopyCore.status())
+        self.protections: list[dict] = []  # each time protection began: when, to whom, what it cost
+        self.last_error: str | None = None  # why the last attempt to protect failed
         self._lock = threading.Lock()
 
     def set(self, **fields) -> None:
         """Change state/phase/peer (the only way drivers change them)."""
         with self._lock:
             for name, value in fields.items():
-                if name not in ("state", "phase", "peer"):
+                if name not in ("state", "phase", "peer", "precopy", "last_error"):
                     raise AttributeError(f"ColoStatus has no settable {name!r}")
                 setattr(self, name, value)
 
@@ -136,6 +142,13 @@ class ColoStatus:
             self.recent.append(rec)
             self.reasons[rec.reason] += 1
 
+    def protected_since(self, precopy_status: dict, seconds: float) -> None:
+        """Protection began (the initial copy is loaded): one history entry."""
+        with self._lock:
+            self.protections.append({"peer": self.peer, "time": time.time(), "seconds": round(seconds, 3),
+                                     "rounds": precopy_status["round"], "sent_mib": precopy_status["sent_mib"],
+                                     "downtime_ms": precopy_status["downtime_ms"]})  # fmt: skip
+
     def failover(self, kind: str, reason: str) -> None:
         with self._lock:
             self.failovers.append({"kind": kind, "reason": reason, "time": time.time()})
@@ -156,6 +169,9 @@ class ColoStatus:
                 "hashes": {str(k): v for k, v in self.hashes.items()},
                 "net": self.net_stats() if self.net_stats else None,
                 "internal_errors": list(self.internal_errors),
+                "precopy": self.precopy,
+                "last_error": self.last_error,
+                "protections": list(self.protections),
             }
 
 

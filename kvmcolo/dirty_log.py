@@ -159,6 +159,17 @@ class DirtyReader:
         return out
 
 
+    def put_back(self, dirty: list[RegionDirty]) -> None:
+        """Return a collect()'s pages unconsumed: the next collect includes
+        them again (a pre-copy that counted a round's leftovers and then
+        decided to send them with the final state instead)."""
+        with self._log._lock:
+            for i, d in enumerate(dirty):
+                if d.bitmap is None:
+                    raise ValueError("put_back needs the pages as collect() returned them")
+                lib.kvmcolo_bitmap_or(self._pending[i][0], d.bitmap, d.words)
+
+
 def of(machine) -> DirtyLog:
     """The machine's one DirtyLog (logging starts on first use)."""
     with _machine_lock:

@@ -88,20 +88,30 @@ def boot_args(side: str, key_file: str, control: str, extra: Sequence[str] = (),
     instead of netsrv's (a kernel, its disk and command line, which must
     configure GUEST_ADDR itself); the lab's NIC is added to them."""
     s = side_name(side)
-    sd = SIDES[s]
     argv = [*(kvmcolo_command() if exe is None else exe), "boot"]
     if s == "A":
         argv += ["--primary", "--peer", f"{REPL_B}:{REPL_PORT}"]
     else:
         argv += ["--secondary", "--listen", f"{REPL_B}:{REPL_PORT}"]
     argv += ["--key-file", str(key_file), "--control", str(control), *extra]
-    argv += [*(guest if guest is not None else ["--image", GUEST_IMAGE]), "--net",
-             f"tap={sd['tap']},bridge={sd['bridge']}"]  # fmt: skip
+    return argv + _vm_args(s, mem, guest, guest_args if s == "A" else ())
+
+
+def run_args(control: str, extra: Sequence[str] = (), guest_args: Sequence[str] = (), mem: str | None = None,
+             guest: Sequence[str] | None = None) -> list[str]:  # fmt: skip
+    """The `kvmcolo run` argv of an unprotected guest on host A of the lab
+    (the same VM as boot_args'), for `kvmcolo protect` to protect later."""
+    return [*kvmcolo_command(), "run", "--control", str(control), *extra, *_vm_args("A", mem, guest, guest_args)]
+
+
+def _vm_args(s: str, mem: str | None, guest: Sequence[str] | None, guest_args: Sequence[str]) -> list[str]:
+    sd = SIDES[s]
+    argv = [*(guest if guest is not None else ["--image", GUEST_IMAGE]), "--net", f"tap={sd['tap']},bridge={sd['bridge']}"]
     if mem:
         argv += ["--mem", mem]
     if guest is None:
         argv += ["--", f"ip={GUEST_ADDR}"]
-    if s == "A" and guest_args:
+    if guest_args:
         argv += [*([] if guest is None else ["--"]), *guest_args]
     return argv
 
@@ -153,6 +163,19 @@ class ColoLab:
                                                guest=guest))  # fmt: skip
         self.procs[s] = self.spawn(s, argv)
         return self.procs[s]
+
+    def start_alone(self, extra: Sequence[str] = (), guest_args: Sequence[str] = ()):
+        """The guest on host A as a lone, unprotected `kvmcolo run` VMM."""
+        guest = self.guest("A") if self.guest is not None else None
+        argv = self.lab.host("A").cmd(*run_args(self.sock("A"), extra, guest_args, mem=self.mem, guest=guest))
+        self.procs["A"] = self.spawn("A", argv)
+        return self.procs["A"]
+
+    def protect(self, extra: Sequence[str] = (), timeout: float = 120) -> subprocess.CompletedProcess:
+        """`kvmcolo protect` of host A's guest, host B's VMM as the secondary."""
+        argv = [*kvmcolo_command(), "protect", "--peer", f"{REPL_B}:{REPL_PORT}", "--key-file", self.key,
+                "--control", self.sock("A"), *extra]  # fmt: skip
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
 
     def start_pair(self, primary: Sequence[str] = (), secondary: Sequence[str] = (), guest_args: Sequence[str] = (),
                    start_timeout: float = 60, colo_timeout: float = 120) -> dict:  # fmt: skip

@@ -21,8 +21,13 @@ class RamCache:
         self._regions = {r.slot: r for r in self.memory.regions}
 
     def adopt_initial(self, snap: vmstate.Snapshot) -> None:
-        """The initial full copy."""
+        """The end of the initial copy (after any pre-copied pages)."""
         vmstate.apply_ram(self.memory, snap)
+
+    def adopt_precopy(self, parts: list[vmstate.RamPart]) -> None:
+        """Pages the primary sent while its guest ran (a later copy of any
+        page that changed since overwrites them)."""
+        vmstate.apply_ram_parts(self.memory, parts)
 
     def load(self, snap: vmstate.Snapshot, svm_dirty: list[RegionDirty]) -> int:
         """Checkpoint `snap` into the cache, then the cache into the SVM for

@@ -8,9 +8,14 @@ import logging
 import os
 import time
 
+from kvmcolo import vmstate, wire
+from kvmcolo.colo_session import ColoOptions
 from kvmcolo.control import CommandError, ControlServer, QuitAfterReply
+from kvmcolo.errors import UserError
 from kvmcolo.snapshot import Snapshotter
+from kvmcolo.threads import guarded
 from kvmcolo.vm import VmExit
+from kvmcolo.wire import ChannelError
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +40,7 @@ class Vmm:
                 "colo-failover": self.colo_failover,
                 "checkpoint": self.checkpoint,
                 "serial-input": self.serial_input,
+                "protect": self.protect,
             },
         )
 
@@ -92,6 +98,36 @@ class Vmm:
             self.machine.serial.send_break()
         self.machine.serial.feed(raw)
         return {"bytes": len(raw), "break": break_first}
+
+    def protect(self, peer: str = "", key_file: str = "", options: dict | None = None) -> dict:
+        """Make this guest the primary of a new pair, live (`kvmcolo protect`):
+        a lone `kvmcolo run` guest, or a primary's survivor running alone.
+        Returns at once; the pre-copy's progress is in query-colo."""
+        from kvmcolo.colo_primary import ColoPrimary
+
+        self._require_running_vm()
+        current = self.colo
+        if current is not None:
+            if not isinstance(current, ColoPrimary):
+                raise CommandError("this VMM is a COLO secondary (or its survivor): protecting it again is not "
+                                   "built yet; protect a primary's survivor or a 'kvmcolo run' guest")  # fmt: skip
+            if current.status.state != "alone":
+                raise CommandError(f"protection is already {current.status.state}: only a guest that runs alone "
+                                   "can be protected")  # fmt: skip
+        address, key, colo_options = _protect_arguments(peer, key_file, options)
+        colo = ColoPrimary(self.machine, address, key, colo_options, current.status if current else None)
+        colo.status.set(state="precopy", precopy=None, last_error=None)
+        if current is not None:
+            current.close()  # the old pair's network ports and disk forwarding go; the new ones take over
+        self.colo = colo
+        guarded("protect", lambda: self._protect(colo), colo._internal_error)
+        return colo.status.as_dict()
+
+    def _protect(self, colo) -> None:
+        try:
+            colo.protect()
+        except (UserError, ChannelError, OSError, vmstate.IncompatibleState) as e:
+            colo.abandon(str(e))
 
     def stop(self) -> dict:
         """Stop the guest (idempotent).  A protected primary stays protected:
@@ -174,18 +210,25 @@ class Vmm:
         with self._serving():
             if not paused:
                 self.machine.start()
-            return self.machine.wait()
+            return self._wait_and_say_goodbye()
 
     def run_colo_primary(self) -> VmExit:
-        """Connect, make the initial copy, then run the guest with checkpoints."""
+        """Boot, then protect: the guest is built and held while the live
+        pre-copy (which converges at once on a guest that does not run)
+        makes the secondary's copy, then runs with checkpoints."""
         with self._serving():
-            self.colo.connect()
-            self.colo.initial_copy()
-            self.colo.start()
-            self.machine.start()
-            result = self.machine.wait()
+            self.machine.start_paused("start")
+            self.colo.protect()
+            self.machine.release("start")
+            return self._wait_and_say_goodbye()
+
+    def _wait_and_say_goodbye(self) -> VmExit:
+        """Run until the guest ends; a primary (booted as one, or protected
+        later) tells its secondary to end too."""
+        result = self.machine.wait()
+        if self.colo is not None and hasattr(self.colo, "goodbye"):
             self.colo.goodbye(result.status, result.reason)
-            return result
+        return result
 
     def run_colo_secondary(self) -> VmExit:
         """Wait for the primary, adopt its initial copy, run the SVM under checkpoints."""
@@ -194,3 +237,33 @@ class Vmm:
             self.machine.start()
             self.colo.start()
             return self.machine.wait()
+
+
+def _protect_arguments(peer, key_file, options) -> tuple[tuple[str, int], bytes, ColoOptions]:
+    """The protect command's arguments, checked: each mistake one CommandError."""
+    import dataclasses
+
+    host, sep, port = (peer if isinstance(peer, str) else "").rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise CommandError(f"protect: peer must be HOST:PORT, not {peer!r}")
+    if not isinstance(key_file, str) or not key_file:
+        raise CommandError("protect: key_file must name the shared key file")
+    try:
+        key = wire.load_key(key_file)
+    except UserError as e:
+        raise CommandError(f"protect: {e}")
+    fields = {f.name: f for f in dataclasses.fields(ColoOptions)}
+    options = options if isinstance(options, dict) else {}
+    unknown = sorted(set(options) - set(fields))
+    if unknown:
+        raise CommandError(f"protect: unknown options {', '.join(unknown)}")
+    for name, value in options.items():
+        if value is not None and not isinstance(value, (int, float, str, bool)):
+            raise CommandError(f"protect: option {name} must be a number, a string or true/false")
+    try:
+        colo_options = ColoOptions(**options)
+    except (TypeError, ValueError) as e:
+        raise CommandError(f"protect: {e}")
+    if colo_options.heartbeat_timeout <= colo_options.heartbeat_interval:
+        raise CommandError("protect: the heartbeat timeout must be longer than the heartbeat interval")
+    return (host.strip("[]"), int(port)), key, colo_options

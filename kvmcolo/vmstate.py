@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from kvmcolo import jsonsafe, sections, xsave
-from kvmcolo.dirty_log import DirtyReader, RegionDirty
+from kvmcolo.dirty_log import DirtyReader, RegionDirty, scatter_pages
 from kvmcolo.kvm_ffi import Kvm, ffi, lib
 from kvmcolo.memory import PAGE_SIZE
 from kvmcolo.xsave import XsaveLayout
@@ -229,7 +229,7 @@ def capture(machine, dirty: DirtyReader, kind: str, parent: str | None, host: Ho
     log is re-armed, so the next incremental is relative to this one."""
     dirty = dirty.collect()
     if kind == KIND_FULL:
-        dirty = _nonzero_pages(machine, dirty)
+        dirty = nonzero_pages(dirty)
     meta = {
         "state_version": STATE_VERSION,
         "kind": kind,
@@ -249,7 +249,8 @@ def capture(machine, dirty: DirtyReader, kind: str, parent: str | None, host: Ho
     return Captured(secs, meta, sum(d.count for d in dirty))
 
 
-def _nonzero_pages(machine, dirty: list[RegionDirty]) -> list[RegionDirty]:
+def nonzero_pages(dirty: list[RegionDirty]) -> list[RegionDirty]:
+    """Each region's pages that are not all zero (a fresh machine's RAM is zero)."""
     out = []
     for d in dirty:
         r = d.region
@@ -434,15 +435,20 @@ def check_chain(snaps: list[Snapshot]) -> None:
 def apply_ram(memory, snap: Snapshot) -> None:
     """Write a snapshot's pages into `memory` (a machine's RAM, or the COLO
     secondary's RAM cache)."""
-    from kvmcolo.dirty_log import scatter_pages
+    apply_ram_parts(memory, snap.ram)
 
+
+def apply_ram_parts(memory, parts: list[RamPart]) -> None:
+    """Write parsed RAM-section parts into `memory`; every part is checked
+    against the machine before any page is written."""
     regions = {r.slot: r for r in memory.regions}
-    for slot, size, pages, count, data in snap.ram:
-        r = regions.get(slot)
-        if r is None or r.size != size:
-            raise IncompatibleState(f"memory slot {slot} does not match this machine")
-        if count:
-            scatter_pages(r, pages, count, data)
+    for part in parts:
+        r = regions.get(part.slot)
+        if r is None or r.size != part.size:
+            raise IncompatibleState(f"memory slot {part.slot} does not match this machine")
+    for part in parts:
+        if part.count:
+            scatter_pages(regions[part.slot], part.pages, part.count, part.data)
 
 
 def apply(machine, snap: Snapshot) -> None:

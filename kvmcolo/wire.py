@@ -31,12 +31,15 @@ with recv_into() into a reusable buffer (no per-frame copies).
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import hmac
 import json
 import os
 import socket
 import struct
+import sys
+import termios
 import threading
 import time
 
@@ -217,6 +220,26 @@ class Channel:
             raise AuthenticationError(f"frame {seq} from {self.peer} out of order (expected {self._recv_seq})")
         self._recv_seq += 1
         return mtype, payload
+
+    def drain(self, timeout: float) -> bool:
+        """Wait (at most `timeout` s) until the peer's kernel has acknowledged
+        everything sent.  A last message (GOODBYE) must be drained before
+        close(): closing a socket with unread input sends a reset, which
+        throws away whatever of ours is still queued here — the peer would
+        see a lost link instead of the goodbye.  Data the peer's kernel has
+        acknowledged survives a reset (it is read before the error)."""
+        deadline = time.monotonic() + timeout
+        queued = bytearray(4)
+        while True:
+            try:
+                fcntl.ioctl(self.sock.fileno(), termios.TIOCOUTQ, queued)  # SIOCOUTQ: sent but not acknowledged
+            except (OSError, ValueError):  # ValueError: closed meanwhile (fileno -1)
+                return False
+            if int.from_bytes(queued, sys.byteorder) == 0:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.005)  # the kernel offers no wake-up for "all acknowledged"
 
     def close(self) -> None:
         try:

@@ -40,15 +40,14 @@ class InProcessPair:
 
         t = threading.Thread(target=secondary_side)
         t.start()
+        self.pm.start_paused("start")  # boot, then protect (as `kvmcolo boot --primary` does)
         try:
-            self.primary.connect(sock=sa)
-            self.primary.initial_copy()
+            self.primary.protect(sock=sa)
         finally:
             t.join(60)
         if errors:
             raise errors[0]
-        self.primary.start()
-        self.pm.start()
+        self.pm.release("start")
         self.sm.start()
         self.secondary.start()
 

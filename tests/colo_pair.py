@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 import time
 
 from kvmcolo import control
@@ -54,6 +55,19 @@ class ColoPair:
             self.wait_socket(self.primary, self.tmp / "a.sock")
             self.wait_checkpoints(self.tmp / "a.sock", 2)
         return self.primary
+
+    def start_alone(self, vm_args, guest_args=(), env=None) -> GuestProcess:
+        """An unprotected guest on host A (`kvmcolo run`), for `protect`."""
+        self.primary = GuestProcess(self.a.cmd(
+            kvmcolo_exe(), "run", "--control", str(self.tmp / "a.sock"), *vm_args, "--", *guest_args), env)  # fmt: skip
+        self.wait_socket(self.primary, self.tmp / "a.sock")
+        return self.primary
+
+    def protect(self, extra=(), key=None, port: int = PORT, timeout: float = 120) -> subprocess.CompletedProcess:
+        """`kvmcolo protect` host A's guest with host B as the secondary; returns when it has."""
+        return subprocess.run([kvmcolo_exe(), "protect", "--peer", f"{ADDR_B}:{port}", "--key-file",
+                               str(key or self.key), "--control", str(self.tmp / "a.sock"), *extra],
+                              capture_output=True, text=True, timeout=timeout)  # fmt: skip
 
     @staticmethod
     def wait_socket(proc: GuestProcess, sock, timeout: float = 30) -> None:
