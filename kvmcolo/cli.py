@@ -93,6 +93,9 @@ def _build_parser() -> argparse.ArgumentParser:
     boot.add_argument("--peer", metavar="HOST:PORT", help="the secondary's replication address (primary)")
     boot.add_argument("--listen", metavar="HOST:PORT", help="address to wait for the primary on (secondary)")
     _add_colo_options(boot)
+    boot.add_argument("--standby", action="append", default=[], metavar="HOST:PORT",
+                      help="heal by itself: when this side runs alone (its peer lost), protect the guest again "
+                      "with the secondary waiting at HOST:PORT (repeatable: tried in turn, with backoff)")
     boot.add_argument("--overlay-dir", metavar="DIR",
                       help="where the secondary mounts its disk overlays (default /run/kvmcolo/overlay)")
     _add_vm_options(boot, kernel_required=False)
@@ -356,6 +359,7 @@ def _cmd_boot(args) -> int:
         raise UserError("boot --primary needs --kernel or --image")
     options = _colo_options(args)
     key = wire.load_key(args.key_file)
+    standby = [_address(s, "--standby") for s in args.standby]
     config = _machine_config(args, boot_kernel=args.primary)
     config.attach_bridges = bool(args.primary)  # the secondary's taps join their bridges at failover
     overlays, bases = [], []
@@ -378,7 +382,7 @@ def _cmd_boot(args) -> int:
             from kvmcolo.colo_secondary import ColoSecondary
 
             colo = ColoSecondary(machine, _address(args.listen, "--listen"), key, options, bases, overlays)
-        vmm = Vmm(machine, args.control or control.default_path(), colo)
+        vmm = Vmm(machine, args.control or control.default_path(), colo, standby)
     except BaseException:
         machine.close()
         for o in overlays:
@@ -437,7 +441,7 @@ def _cmd_protect(args) -> int:
             print(f"protected by {c['peer']}: {p.get('round')} pre-copy rounds, {p.get('sent_mib')} MiB, "
                   f"downtime {p.get('downtime_ms')} ms")  # fmt: skip
             return 0
-        if c["state"] != "precopy":
+        if c["state"] not in ("connecting", "precopy"):
             why = c.get("last_error") or (c.get("internal_errors") or [c["state"]])[-1]
             print(f"kvmcolo: protect failed: {why}; the guest runs on unprotected",
                   file=sys.stderr)  # fmt: skip

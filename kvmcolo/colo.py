@@ -66,6 +66,8 @@ class Msg(enum.IntEnum):
     VMSTATE_LOADED = 17
     HEARTBEAT = 20
     GOODBYE = 21  # orderly end (the guest exited); payload: JSON reason/status
+    HISTORY = 22  # primary -> secondary once protection began: JSON failovers and protections so far (the
+    #               pair's history lives on in whichever side survives; outside the transaction table)
 
 
 class ProtocolError(Exception):

@@ -171,6 +171,20 @@ class PrimaryPort:
             self.tx_errors += 1
 
 
+def lan_ends(devices, taps) -> list:
+    """What each NIC talks to the LAN through, for a new pair's primary
+    ports: the tap itself — or, on a secondary's survivor, its ActivePort,
+    whose rewriter must stay in the path (connections opened just before
+    that failover keep the SVM's own sequence numbers for good).  A former
+    pair's PrimaryPort is looked through to its tap."""
+    out = []
+    for device, tap in zip(devices, taps):
+        backend = device.backend
+        out.append(backend.tap if isinstance(backend, PrimaryPort) else backend if isinstance(backend, ActivePort)
+                   else tap)  # fmt: skip
+    return out
+
+
 # ---- secondary -----------------------------------------------------------------------------
 
 

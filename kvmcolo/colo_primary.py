@@ -30,7 +30,7 @@ import time
 from kvmcolo import colo_link, dirty_log, sections, testhooks, vmstate
 from kvmcolo.colo import Act, Msg, PrimaryCore, ProtocolError
 from kvmcolo.colo_disk import PrimaryDisks
-from kvmcolo.colo_net import PrimaryNetwork
+from kvmcolo.colo_net import PrimaryNetwork, lan_ends
 from kvmcolo.colo_session import Checkpoint, ColoOptions, ColoStatus, Heartbeat, fence_peer, hang_up
 from kvmcolo.dirty_log import DirtyReader
 from kvmcolo.errors import UserError
@@ -61,7 +61,7 @@ class ColoPrimary:
         self.key = key
         self.options = options
         self.status = status or ColoStatus("primary")
-        self.status.set(peer=f"{peer[0]}:{peer[1]}")
+        self.status.set(role="primary", peer=f"{peer[0]}:{peer[1]}")  # a secondary's survivor is a primary now
         self.core = PrimaryCore(options.resume_early)
         self._core_lock = threading.Lock()  # the core is fed by the checkpoint thread and the receiver
         self.channel: Channel | None = None
@@ -105,8 +105,9 @@ class ColoPrimary:
         stops only for the final part: the last dirty pages with vCPU, VM
         and device state, until the secondary has loaded them."""
         t_start = time.perf_counter()
-        self.status.set(state="precopy")
+        self.status.set(state="connecting")  # (until the secondary answers: a standby host may still be coming up)
         self.connect(sock=sock)
+        self.status.set(state="precopy")
         m = self.machine
         with m.held("precopy"):  # logging starts (and the reader is armed) with the guest parked
             self.dirty = dirty_log.of(m).reader("colo")
@@ -130,6 +131,10 @@ class ColoPrimary:
         summary = live.finished(time.perf_counter() - t_stop)
         self.status.set(state="colo")
         self.status.protected_since(summary, time.perf_counter() - t_start)
+        try:
+            self.channel.send(Msg.HISTORY, [json.dumps(self.status.history()).encode()])
+        except ChannelError as e:
+            self._lose(str(e))
         log.info("initial copy done: %d rounds, %.1f MiB, %d pages with the final state, downtime %.1f ms "
                  "(%s); COLO is running", len(live.core.rounds), summary["sent_mib"], cap.dirty_pages,
                  summary["downtime_ms"], summary["stop_reason"])  # fmt: skip
@@ -138,7 +143,8 @@ class ColoPrimary:
         """Start replicating (the guest held)."""
         devices = self.machine.net_devices()
         if devices:
-            self.network = PrimaryNetwork(devices, self.machine.taps, self.channel.send, lambda: self._epoch,
+            self.network = PrimaryNetwork(devices, lan_ends(devices, self.machine.taps), self.channel.send,
+                                          lambda: self._epoch,
                                           self.request_checkpoint, self.options.compare_timeout,
                                           self.options.max_queue, self._internal_error)  # fmt: skip
             self.status.net_stats = self.network.stats
@@ -166,6 +172,10 @@ class ColoPrimary:
         """The guest ended: tell the secondary to end too."""
         self._stopping.set()
         self._send_goodbye(status, reason)
+        self.close()
+
+    def retire(self) -> None:
+        """A new pair takes over from this one (whose secondary is gone)."""
         self.close()
 
     def abandon(self, reason: str) -> None:

@@ -203,6 +203,9 @@ class ColoSecondary:
                 if msg is Msg.DISK_WRITE:
                     self.disks.on_write(payload)
                     continue
+                if msg is Msg.HISTORY:
+                    self.status.adopt_history(jsonsafe.loads(bytes(payload)))
+                    continue
                 if msg is Msg.NET_INBOUND:
                     if self.network is not None:
                         self.network.from_primary(payload)
@@ -355,6 +358,16 @@ class ColoSecondary:
         hang_up(self._heartbeat, self.channel)
         status = int(self.goodbye.get("status", 0))
         self.machine.vm.request_exit(status, f"the primary ended: {self.goodbye.get('reason', '')}")
+
+    def retire(self) -> None:
+        """This survivor becomes the primary of a new pair: the old link's
+        leftovers go, and so does the RAM cache (a guest-sized mapping that
+        nothing reads once the receive loop has ended)."""
+        if self.failover_state.state is not FState.COMPLETED:
+            raise RuntimeError(f"retire() of a secondary that has not taken over ({self.failover_state.state})")
+        self.close()
+        if self._receive_ended.wait(10):  # (it ends at once: its link was closed at the takeover)
+            self.cache.close()
 
     def close(self) -> None:
         self._ended.set()

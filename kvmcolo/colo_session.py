@@ -26,6 +26,7 @@ log = logging.getLogger("kvmcolo.colo")
 DEFAULT_HEARTBEAT_INTERVAL = 0.1
 DEFAULT_HEARTBEAT_TIMEOUT = 1.0
 DEFAULT_CHECKPOINT_DELAY = 0.1
+HISTORY_KEPT = 100  # failovers and protections a status remembers
 
 
 @dataclass
@@ -114,7 +115,7 @@ class ColoStatus:
         """Change state/phase/peer (the only way drivers change them)."""
         with self._lock:
             for name, value in fields.items():
-                if name not in ("state", "phase", "peer", "precopy", "last_error"):
+                if name not in ("role", "state", "phase", "peer", "precopy", "last_error"):
                     raise AttributeError(f"ColoStatus has no settable {name!r}")
                 setattr(self, name, value)
 
@@ -148,6 +149,22 @@ class ColoStatus:
             self.protections.append({"peer": self.peer, "time": time.time(), "seconds": round(seconds, 3),
                                      "rounds": precopy_status["round"], "sent_mib": precopy_status["sent_mib"],
                                      "downtime_ms": precopy_status["downtime_ms"]})  # fmt: skip
+
+    def history(self) -> dict:
+        with self._lock:
+            return {"failovers": list(self.failovers), "protections": list(self.protections)}
+
+    def adopt_history(self, history) -> None:
+        """The primary's history (a secondary keeps it, so a survivor's status
+        tells every failover and protection of the guest, not only its own)."""
+        if not isinstance(history, dict) or not all(
+                isinstance(history.get(k), list) and all(isinstance(e, dict) for e in history[k])
+                for k in ("failovers", "protections")):  # fmt: skip
+            log.warning("the primary sent a malformed history (ignored)")
+            return
+        with self._lock:
+            self.failovers = history["failovers"][-HISTORY_KEPT:]
+            self.protections = history["protections"][-HISTORY_KEPT:]
 
     def failover(self, kind: str, reason: str) -> None:
         with self._lock:

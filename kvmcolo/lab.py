@@ -79,22 +79,30 @@ def kvmcolo_command() -> list[str]:
 
 def boot_args(side: str, key_file: str, control: str, extra: Sequence[str] = (), guest_args: Sequence[str] = (),
               mem: str | None = None, exe: Sequence[str] | None = None,
-              guest: Sequence[str] | None = None) -> list[str]:  # fmt: skip
+              guest: Sequence[str] | None = None, role: str | None = None) -> list[str]:  # fmt: skip
     """The `kvmcolo boot` argv for host A (the primary) or host B (the
     secondary) of the lab, running the built-in netsrv guest at GUEST_ADDR.
     Run it inside that host's namespace (`lab.host_a.cmd(*argv)`).  `extra`
     goes before the VM options, `guest_args` after `--` (primary only: the
     secondary gets its guest from the primary).  `guest`: other VM options
     instead of netsrv's (a kernel, its disk and command line, which must
-    configure GUEST_ADDR itself); the lab's NIC is added to them."""
+    configure GUEST_ADDR itself); the lab's NIC is added to them.  `role`:
+    "primary" or "secondary" (default: A is the primary, B the secondary;
+    after a failover the dead host comes back as the survivor's secondary)."""
     s = side_name(side)
+    role = role or ("primary" if s == "A" else "secondary")
     argv = [*(kvmcolo_command() if exe is None else exe), "boot"]
-    if s == "A":
-        argv += ["--primary", "--peer", f"{REPL_B}:{REPL_PORT}"]
+    if role == "primary":
+        argv += ["--primary", "--peer", f"{other_addr(s)}:{REPL_PORT}"]
     else:
-        argv += ["--secondary", "--listen", f"{REPL_B}:{REPL_PORT}"]
+        argv += ["--secondary", "--listen", f"{SIDES[s]['addr']}:{REPL_PORT}"]
     argv += ["--key-file", str(key_file), "--control", str(control), *extra]
-    return argv + _vm_args(s, mem, guest, guest_args if s == "A" else ())
+    return argv + _vm_args(s, mem, guest, guest_args if role == "primary" else ())
+
+
+def other_addr(side: str) -> str:
+    """The replication address of the other host."""
+    return SIDES["B" if side_name(side) == "A" else "A"]["addr"]
 
 
 def run_args(control: str, extra: Sequence[str] = (), guest_args: Sequence[str] = (), mem: str | None = None,
@@ -156,11 +164,11 @@ class ColoLab:
     def sock(self, side: str) -> str:
         return os.path.join(self.folder, f"{side_name(side).lower()}.sock")
 
-    def start(self, side: str, extra: Sequence[str] = (), guest_args: Sequence[str] = ()):
+    def start(self, side: str, extra: Sequence[str] = (), guest_args: Sequence[str] = (), role: str | None = None):
         s = side_name(side)
         guest = self.guest(s) if self.guest is not None else None
         argv = self.lab.host(s).cmd(*boot_args(s, self.key, self.sock(s), extra, guest_args, mem=self.mem,
-                                               guest=guest))  # fmt: skip
+                                               guest=guest, role=role))  # fmt: skip
         self.procs[s] = self.spawn(s, argv)
         return self.procs[s]
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 import time
 
 from kvmcolo import vmstate, wire
@@ -13,17 +14,30 @@ from kvmcolo.colo_session import ColoOptions
 from kvmcolo.control import CommandError, ControlServer, QuitAfterReply
 from kvmcolo.errors import UserError
 from kvmcolo.snapshot import Snapshotter
-from kvmcolo.threads import guarded
+from kvmcolo.threads import Periodic, guarded
 from kvmcolo.vm import VmExit
 from kvmcolo.wire import ChannelError
 
 log = logging.getLogger(__name__)
 
+# A COLO side whose peer is gone and which runs the guest by itself: the
+# primary's survivor, or a secondary that took over.  Only these (or a VMM
+# that never had a peer) can be protected again.
+SURVIVOR_STATES = ("alone", "active")
+STANDBY_BACKOFF_S = (1, 2, 4, 8, 10)  # between tries of the --standby hosts, then every 10 s
+
 
 class Vmm:
-    def __init__(self, machine, control_path: str, colo=None):
+    def __init__(self, machine, control_path: str, colo=None, standby: list[tuple[str, int]] = ()):
+        """`standby`: hosts (secondaries waiting there) to protect the guest
+        with again, tried in turn with backoff, whenever it runs alone."""
         self.machine = machine
         self.colo = colo  # a ColoPrimary or ColoSecondary, or None
+        self.standby = list(standby)
+        self._standby_tries = 0  # since the guest was last protected
+        self._standby_next = 0.0
+        self._standby_ticker = Periodic("standby", 0.2, self._standby_tick, self._standby_failed) if standby else None
+        self._protect_lock = threading.Lock()
         self.snapshots = Snapshotter(machine)
         self.started = time.monotonic()
         self.control = ControlServer(
@@ -101,27 +115,55 @@ class Vmm:
 
     def protect(self, peer: str = "", key_file: str = "", options: dict | None = None) -> dict:
         """Make this guest the primary of a new pair, live (`kvmcolo protect`):
-        a lone `kvmcolo run` guest, or a primary's survivor running alone.
-        Returns at once; the pre-copy's progress is in query-colo."""
+        a lone `kvmcolo run` guest, or a survivor of either side running
+        alone.  Returns at once; the pre-copy's progress is in query-colo."""
+        self._require_running_vm()
+        self._require_alone()
+        return self._start_protect(*_protect_arguments(peer, key_file, options))
+
+    def _require_alone(self) -> None:
+        state = self.colo.status.state if self.colo is not None else None
+        if state is not None and state not in SURVIVOR_STATES:
+            raise CommandError(f"protection is already {state}: only a guest that runs alone can be protected")
+
+    def _start_protect(self, address: tuple[str, int], key: bytes, options: ColoOptions) -> dict:
         from kvmcolo.colo_primary import ColoPrimary
 
-        self._require_running_vm()
-        current = self.colo
-        if current is not None:
-            if not isinstance(current, ColoPrimary):
-                raise CommandError("this VMM is a COLO secondary (or its survivor): protecting it again is not "
-                                   "built yet; protect a primary's survivor or a 'kvmcolo run' guest")  # fmt: skip
-            if current.status.state != "alone":
-                raise CommandError(f"protection is already {current.status.state}: only a guest that runs alone "
-                                   "can be protected")  # fmt: skip
-        address, key, colo_options = _protect_arguments(peer, key_file, options)
-        colo = ColoPrimary(self.machine, address, key, colo_options, current.status if current else None)
-        colo.status.set(state="precopy", precopy=None, last_error=None)
-        if current is not None:
-            current.close()  # the old pair's network ports and disk forwarding go; the new ones take over
-        self.colo = colo
+        with self._protect_lock:  # the operator and the standby thread may both try
+            self._require_alone()
+            current = self.colo
+            colo = ColoPrimary(self.machine, address, key, options, current.status if current else None)
+            colo.status.set(state="connecting", precopy=None, last_error=None)
+            if current is not None:
+                current.retire()  # the old pair's ports, disk forwarding and RAM cache go; new ones take over
+            self.colo = colo
         guarded("protect", lambda: self._protect(colo), colo._internal_error)
         return colo.status.as_dict()
+
+    def _standby_tick(self) -> None:
+        """Heal by itself: a survivor tries its --standby hosts in turn, with
+        backoff, until one accepts (a refusal or no answer is one log line
+        per try, from the attempt)."""
+        colo = self.colo
+        if colo is None or self.machine.vm.exit is not None:
+            return
+        if colo.status.state == "colo":
+            self._standby_tries = 0
+            return
+        if colo.status.state not in SURVIVOR_STATES or time.monotonic() < self._standby_next:
+            return
+        address = self.standby[self._standby_tries % len(self.standby)]
+        delay = STANDBY_BACKOFF_S[min(self._standby_tries, len(STANDBY_BACKOFF_S) - 1)]
+        self._standby_tries += 1
+        self._standby_next = time.monotonic() + delay
+        log.info("running alone: trying standby %s:%d for protection", *address)
+        try:
+            self._start_protect(address, colo.key, colo.options)
+        except CommandError as e:  # protected meanwhile by the operator, say
+            log.info("standby: %s", e)
+
+    def _standby_failed(self, thread: str, exc: BaseException) -> None:
+        log.error("internal error in %s: automatic re-protection stops", thread, exc_info=exc)
 
     def _protect(self, colo) -> None:
         try:
@@ -193,9 +235,13 @@ class Vmm:
         link (if any) and the socket are closed however the run ends."""
         self.control.start()
         log.info("control socket: %s", self.control.path)
+        if self._standby_ticker is not None:
+            self._standby_ticker.start()
         try:
             yield
         finally:
+            if self._standby_ticker is not None:
+                self._standby_ticker.stop()
             if self.colo is not None:
                 self.colo.close()
             self.control.close()

@@ -39,12 +39,16 @@ class ColoPair:
             self.close()
             raise
 
-    def start_secondary(self, vm_args, extra=(), key=None, port: int = PORT, env=None) -> GuestProcess:
-        self.secondary = GuestProcess(self.b.cmd(
-            kvmcolo_exe(), "boot", "--secondary", "--listen", f"{ADDR_B}:{port}", "--key-file", str(key or self.key),
-            "--control", str(self.tmp / "b.sock"), *extra, *vm_args), env)  # fmt: skip
-        self.wait_socket(self.secondary, self.tmp / "b.sock")
-        return self.secondary
+    def start_secondary(self, vm_args, extra=(), key=None, port: int = PORT, env=None, side: str = "b") -> GuestProcess:
+        """A secondary on host B (or on host A, once B's survivor is to be protected)."""
+        ns, addr = (self.b, ADDR_B) if side == "b" else (self.a, ADDR_A)
+        proc = GuestProcess(ns.cmd(
+            kvmcolo_exe(), "boot", "--secondary", "--listen", f"{addr}:{port}", "--key-file", str(key or self.key),
+            "--control", str(self.tmp / f"{side}.sock"), *extra, *vm_args), env)  # fmt: skip
+        self.wait_socket(proc, self.tmp / f"{side}.sock")
+        if side == "b":
+            self.secondary = proc
+        return proc
 
     def start_primary(self, vm_args, guest_args=(), extra=(), key=None, port: int = PORT, wait: bool = True,
                       env=None):  # fmt: skip
@@ -63,10 +67,13 @@ class ColoPair:
         self.wait_socket(self.primary, self.tmp / "a.sock")
         return self.primary
 
-    def protect(self, extra=(), key=None, port: int = PORT, timeout: float = 120) -> subprocess.CompletedProcess:
-        """`kvmcolo protect` host A's guest with host B as the secondary; returns when it has."""
-        return subprocess.run([kvmcolo_exe(), "protect", "--peer", f"{ADDR_B}:{port}", "--key-file",
-                               str(key or self.key), "--control", str(self.tmp / "a.sock"), *extra],
+    def protect(self, extra=(), key=None, port: int = PORT, timeout: float = 120,
+                side: str = "a") -> subprocess.CompletedProcess:  # fmt: skip
+        """`kvmcolo protect` host A's guest with host B as the secondary (or
+        B's with A: side="b"); returns when it has."""
+        peer = ADDR_B if side == "a" else ADDR_A
+        return subprocess.run([kvmcolo_exe(), "protect", "--peer", f"{peer}:{port}", "--key-file",
+                               str(key or self.key), "--control", str(self.tmp / f"{side}.sock"), *extra],
                               capture_output=True, text=True, timeout=timeout)  # fmt: skip
 
     @staticmethod
@@ -104,11 +111,13 @@ class ColoPair:
             time.sleep(0.005)
         raise AssertionError(f"{side} never reached phase {phase!r}")
 
-    def wait_failover(self, side: str, timeout: float = 10) -> dict:
+    def wait_failover(self, side: str, timeout: float = 10, before: int = 0) -> dict:
+        """query-colo once `side` has recorded more than `before` failovers
+        (a secondary adopts its primary's history, so count from what it had)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             c = self.colo(side)
-            if c["failovers"]:
+            if len(c["failovers"]) > before:
                 return c
             time.sleep(0.02)
         raise AssertionError(f"{side} reported no failover within {timeout} s")

@@ -52,8 +52,9 @@ def progress_mark(pair: ColoPair) -> int:
     return mark
 
 
-def check_survivor(pair: ColoPair, side: str, proc, mark: int) -> None:
-    info = pair.wait_failover(side, timeout=5)
+def check_survivor(pair: ColoPair, side: str, proc, mark: int, before: int = 0) -> None:
+    """`before`: failovers `side`'s status listed before this one."""
+    info = pair.wait_failover(side, timeout=5, before=before)
     assert info["state"] in ("alone", "active")
     start = len(proc.lines)
     m = proc.wait_line(r"dirty: pass=(\d+) ok", start=start, timeout=30)

@@ -117,7 +117,7 @@ def test_a_survivor_is_protected_again_by_a_new_secondary(images, tmp_path):
     try:
         pair.secondary.proc.kill()  # host B dies; A goes on alone
         a = pair.wait_failover("a")
-        assert a["state"] == "alone" and not a["protected"]
+        assert a["state"] == "alone" and not a["protected"], a
         pair.secondary.proc.wait(10)
         pair.start_secondary(VM, VERIFY)  # host B is back, as a new secondary
         done = pair.protect(PROTECT)
@@ -126,7 +126,7 @@ def test_a_survivor_is_protected_again_by_a_new_secondary(images, tmp_path):
         assert len(a["protections"]) == 2 and len(a["failovers"]) == 1, a  # the history survives
         mark = progress_mark(pair)
         pair.primary.proc.kill()
-        check_survivor(pair, "b", pair.secondary, mark)
+        check_survivor(pair, "b", pair.secondary, mark, before=1)  # B knew of A's earlier failover
     finally:
         pair.close()
 
@@ -138,5 +138,32 @@ def test_protect_is_refused_while_protected(images, tmp_path):
         assert done.returncode == 2 and "already colo" in done.stderr, done.stderr
         wait_until(lambda: pair.colo("a")["checkpoints"] > 3, "checkpoints go on")
         assert pair.colo("a")["state"] == "colo"
+    finally:
+        pair.close()
+
+
+def test_a_secondarys_survivor_is_protected_by_the_host_that_came_back(images, tmp_path):
+    pair = ColoPair(tmp_path, VM, DIRTY, primary_args=PROTECT, secondary_args=VERIFY)
+    try:
+        old_primary = pair.primary
+        mark = progress_mark(pair)
+        old_primary.proc.kill()  # host A dies; B takes over
+        check_survivor(pair, "b", pair.secondary, mark)
+        old_primary.proc.wait(10)
+        new_secondary = pair.start_secondary(VM, VERIFY, side="a")  # host A is back, as B's secondary
+        done = pair.protect(PROTECT, side="b")
+        assert done.returncode == 0, done.stderr + "\n".join(pair.secondary.stderr_lines[-20:])
+        b = pair.colo("b")
+        assert b["role"] == "primary" and b["state"] == "colo" and b["protected"], b
+        pair.wait_checkpoints(pair.tmp / "b.sock", b["checkpoints"] + 6)
+        p, s = pair.colo("b")["hashes"], pair.colo("a")["hashes"]  # B is the primary now
+        common = sorted(set(p) & set(s), key=int)
+        assert len(common) >= 3 and all(p[k] == s[k] for k in common), (p, s)
+        # And the pair works the other way round: B dies, A takes over.
+        pair.primary, pair.secondary = pair.secondary, new_secondary
+        mark = max(passes(pair.primary.lines), default=0)
+        pair.wait_checkpoints(pair.tmp / "b.sock", pair.colo("b")["checkpoints"] + 2)
+        pair.primary.proc.kill()
+        check_survivor(pair, "a", new_secondary, mark, before=1)
     finally:
         pair.close()

@@ -45,3 +45,55 @@ def test_protect_a_serving_guest_under_a_client_then_fail_over(images, tmp_path)
     finally:
         pair.stop()
         the_lab.close()
+
+
+def test_the_pair_heals_itself_through_five_host_failures_on_one_connection(images, tmp_path):
+    """The healing soak: netsrv under a client on one TCP connection; each
+    side has --standby naming the other host.  Five times: SIGKILL the
+    primary's VMM, the survivor takes over, a new secondary starts on the
+    dead host, and the survivor protects the guest with it by itself."""
+    the_lab = lab.Lab()
+    pair = lab.ColoLab(the_lab, str(tmp_path), lambda side, argv: GuestProcess(argv))
+    standby = {s: ["--standby", f"{lab.other_addr(s)}:{lab.REPL_PORT}"] for s in "AB"}
+
+    def colo(side: str) -> dict:
+        return control.call(pair.sock(side), "query-colo")
+
+    def logs() -> str:
+        return "\n".join(f"[{s}] {line}" for s, p in pair.procs.items() for line in p.stderr_lines[-25:])
+
+    try:
+        pair.start("B", standby["B"])
+        pair.wait_control("B")
+        pair.start("A", standby["A"]).wait_line(r"netsrv: ready", timeout=60)
+        pair.wait_colo()
+        primary = "A"
+        with lab.CounterClient(the_lab.client) as client:
+            client.start(rate=100)
+            wait_until(lambda: len(client.values()) >= 30 or client.error, "replies")
+            for cycle in range(1, 6):
+                survivor = "B" if primary == "A" else "A"
+                victim = pair.procs[primary]
+                victim.proc.send_signal(signal.SIGKILL)
+                victim.proc.wait(10)
+                try:
+                    wait_until(lambda: len(colo(survivor)["failovers"]) == cycle, f"cycle {cycle}: the takeover")
+                    pair.start(primary, standby[primary], role="secondary")  # the dead host comes back
+                    pair.wait_control(primary)
+                    wait_until(lambda: colo(survivor)["state"] == "colo" and colo(survivor)["checkpoints"] >= 3,
+                               f"cycle {cycle}: re-protected by itself", timeout=60)  # fmt: skip
+                except AssertionError as e:
+                    raise AssertionError(f"{e}\n{logs()}") from None
+                n = len(client.values())
+                wait_until(lambda: len(client.values()) >= n + 30 or client.error, f"cycle {cycle}: replies")
+                assert client.error is None, f"cycle {cycle}: {client.error}"
+                primary = survivor
+            client.stop()
+            assert client.error is None, client.error
+            assert client.check_sequence() == [], client.check_sequence()[:5]  # one sequence: no gap, no duplicate
+        history = colo(primary)
+        assert len(history["failovers"]) == 5, history["failovers"]
+        assert len(history["protections"]) == 6, history["protections"]  # the first, then five re-protections
+    finally:
+        pair.stop()
+        the_lab.close()
