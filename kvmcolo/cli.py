@@ -90,6 +90,9 @@ def _build_parser() -> argparse.ArgumentParser:
     role = boot.add_mutually_exclusive_group(required=True)
     role.add_argument("--primary", action="store_true", help="boot the guest and checkpoint it to --peer")
     role.add_argument("--secondary", action="store_true", help="wait on --listen for the primary and follow it")
+    role.add_argument("--incoming", action="store_true",
+                      help="wait on --listen for a live migration ('kvmcolo migrate' on the source), then run "
+                      "the guest here")  # fmt: skip
     boot.add_argument("--peer", metavar="HOST:PORT", help="the secondary's replication address (primary)")
     boot.add_argument("--listen", metavar="HOST:PORT", help="address to wait for the primary on (secondary)")
     _add_colo_options(boot)
@@ -117,6 +120,24 @@ def _build_parser() -> argparse.ArgumentParser:
     protect.add_argument("--peer", required=True, metavar="HOST:PORT", help="the secondary's replication address")
     _add_colo_options(protect)
     _add_control_option(protect)
+
+    migrate = sub.add_parser(
+        "migrate",
+        help="move a running guest live to another host",
+        description="Move a running guest (a 'kvmcolo run' VMM, or a COLO survivor running alone) to a "
+        "'kvmcolo boot --incoming' VMM on another host, without stopping it for longer than about "
+        "--max-downtime: its RAM is copied while it runs, then the rest with its vCPU and device state; the "
+        "destination takes the guest's taps onto its bridges and announces it on the LAN, and the source VMM "
+        "ends with status 0. Clients keep their TCP connections. Refused while COLO protects the guest.",
+        epilog="Example:\n"
+        "  hostB# kvmcolo boot --incoming --listen 0.0.0.0:7777 --key-file /etc/kvmcolo.key --image netsrv \\\n"
+        "             --net tap=tap0,bridge=br0\n"
+        "  hostA# kvmcolo migrate --peer hostB:7777 --key-file /etc/kvmcolo.key",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    migrate.add_argument("--peer", required=True, metavar="HOST:PORT", help="the destination's address")
+    _add_precopy_options(migrate)
+    _add_control_option(migrate)
 
     restore = sub.add_parser(
         "restore",
@@ -181,10 +202,25 @@ def _add_vm_options(parser, kernel_required: bool) -> None:
     parser.add_argument("guest_args", nargs="*", metavar="-- PARAM", help="words appended to the command line")
 
 
-def _add_colo_options(parser) -> None:
-    """What a COLO primary and secondary are tuned with (boot and protect)."""
+def _add_precopy_options(parser) -> None:
+    """The key and the live pre-copy's limits (boot, protect and migrate)."""
     parser.add_argument("--key-file", required=True, metavar="FILE",
                         help="shared secret (>= 16 bytes), same on both hosts")  # fmt: skip
+    parser.add_argument("--max-downtime", type=number(float, 1, 60_000, " ms"), default=100, metavar="MS",
+                        help="the live pre-copy stops the guest once the rest can be sent in this long (default "
+                        "100 ms: below TCP's 200 ms minimum retransmission timeout)")  # fmt: skip
+    parser.add_argument("--max-bandwidth", type=number(float, 1, 1_000_000, " MiB/s"), metavar="MIB/S",
+                        help="at most this much of the link for the pre-copy (default: all of it)")
+
+
+def _precopy_options(args) -> dict:
+    return {"max_downtime": args.max_downtime / 1000,
+            "max_bandwidth": args.max_bandwidth * (1 << 20) if args.max_bandwidth else None}  # fmt: skip
+
+
+def _add_colo_options(parser) -> None:
+    """What a COLO primary and secondary are tuned with (boot and protect)."""
+    _add_precopy_options(parser)
     parser.add_argument("--checkpoint-delay", type=number(float, 1, 3_600_000, " ms"), default=100, metavar="MS",
                         help="checkpoint at least this often, in ms (default 100)")
     parser.add_argument("--heartbeat-interval", type=number(float, 1, 60_000, " ms"), default=100, metavar="MS",
@@ -201,11 +237,6 @@ def _add_colo_options(parser) -> None:
     parser.add_argument("--fence-command", metavar="CMD",
                         help="run (sh -c) when the peer is lost, before going on alone or taking over: exit 0 = "
                         "the peer is fenced; anything else = this side stops (exit 3) to avoid a split brain")
-    parser.add_argument("--max-downtime", type=number(float, 1, 60_000, " ms"), default=100, metavar="MS",
-                        help="the initial copy's live pre-copy stops the guest once the rest can be sent in this "
-                        "long (default 100 ms: below TCP's 200 ms minimum retransmission timeout)")
-    parser.add_argument("--max-bandwidth", type=number(float, 1, 1_000_000, " MiB/s"), metavar="MIB/S",
-                        help="at most this much of the link for the pre-copy (default: all of it)")
     parser.add_argument("--verify-every", type=number(int, 0, 1_000_000), default=0, metavar="N",
                         help=argparse.SUPPRESS)  # fmt: skip
 
@@ -218,9 +249,7 @@ def _colo_options(args):
     return ColoOptions(checkpoint_delay=args.checkpoint_delay / 1000, heartbeat_interval=args.heartbeat_interval / 1000,
                        heartbeat_timeout=args.heartbeat_timeout / 1000, resume_early=args.resume_early,
                        verify_every=args.verify_every, compare_timeout=args.compare_timeout / 1000,
-                       max_queue=args.max_queue, fence_command=args.fence_command,
-                       max_downtime=args.max_downtime / 1000,
-                       max_bandwidth=args.max_bandwidth * (1 << 20) if args.max_bandwidth else None)  # fmt: skip
+                       max_queue=args.max_queue, fence_command=args.fence_command, **_precopy_options(args))  # fmt: skip
 
 
 def _add_control_option(parser, serve: bool = False) -> None:
@@ -353,8 +382,9 @@ def _cmd_boot(args) -> int:
 
     if args.primary and not args.peer:
         raise UserError("boot --primary needs --peer HOST:PORT (the secondary)")
-    if args.secondary and not args.listen:
-        raise UserError("boot --secondary needs --listen HOST:PORT")
+    waits = args.secondary or args.incoming  # for a primary, or for a migration's source
+    if waits and not args.listen:
+        raise UserError(f"boot --{'secondary' if args.secondary else 'incoming'} needs --listen HOST:PORT")
     if args.primary and not (args.kernel or args.image):
         raise UserError("boot --primary needs --kernel or --image")
     options = _colo_options(args)
@@ -363,7 +393,7 @@ def _cmd_boot(args) -> int:
     config = _machine_config(args, boot_kernel=args.primary)
     config.attach_bridges = bool(args.primary)  # the secondary's taps join their bridges at failover
     overlays, bases = [], []
-    if args.secondary and config.disks:
+    if waits and config.disks:
         overlays, bases = _secondary_overlays(config, args.overlay_dir)
     try:
         machine = Machine(config, boot_kernel=args.primary)
@@ -381,7 +411,8 @@ def _cmd_boot(args) -> int:
         else:
             from kvmcolo.colo_secondary import ColoSecondary
 
-            colo = ColoSecondary(machine, _address(args.listen, "--listen"), key, options, bases, overlays)
+            colo = ColoSecondary(machine, _address(args.listen, "--listen"), key, options, bases, overlays,
+                                 incoming=args.incoming)  # fmt: skip
         vmm = Vmm(machine, args.control or control.default_path(), colo, standby)
     except BaseException:
         machine.close()
@@ -389,7 +420,8 @@ def _cmd_boot(args) -> int:
             o.close()
         raise
     try:
-        result = vmm.run_colo_primary() if args.primary else vmm.run_colo_secondary()
+        result = (vmm.run_colo_primary() if args.primary else vmm.run_incoming() if args.incoming
+                  else vmm.run_colo_secondary())  # fmt: skip
     except KeyboardInterrupt:
         log.info("interrupted; stopping the guest")
         return INTERRUPTED_STATUS
@@ -415,21 +447,30 @@ def _cmd_restore(args) -> int:
 
 
 def _cmd_protect(args) -> int:
-    """Ask a running VMM to protect its guest, then follow the pre-copy
-    until it is protected (0) or the attempt failed (1, the guest runs on)."""
+    """Ask a running VMM to protect its guest (protect) or move it (migrate),
+    then follow the pre-copy until it is done (0) or the attempt failed (1,
+    the guest runs on where it was)."""
     import dataclasses
 
     from kvmcolo import control, wire
+    from kvmcolo.colo_session import ColoOptions
 
-    options = _colo_options(args)
+    migrating = args.command == "migrate"
+    options = ColoOptions(**_precopy_options(args)) if migrating else _colo_options(args)
     _address(args.peer, "--peer")
     key_file = os.path.abspath(args.key_file)
     wire.load_key(key_file)  # a bad key file is this command's mistake: said here, at once
     path = control.find_socket(args.control)
-    control.call(path, "protect", {"peer": args.peer, "key_file": key_file, "options": dataclasses.asdict(options)})
-    shown = None
+    control.call(path, args.command, {"peer": args.peer, "key_file": key_file,
+                                      "options": dataclasses.asdict(options)})  # fmt: skip
+    shown, done = None, "migrated" if migrating else "colo"
     while True:
-        c = control.call(path, "query-colo")
+        try:
+            c = control.call(path, "query-colo")
+        except UserError:  # (the source ends soon after it has migrated; it said so first)
+            print(f"kvmcolo: {args.command}: the VMM ended before it said how it went; see its log",
+                  file=sys.stderr)  # fmt: skip
+            return 1
         p = c.get("precopy") or {}
         line = (f"pre-copy round {p['round']}: {p['sent_mib']} MiB sent, {p['remaining_mib']} MiB left, "
                 f"dirty {p['dirty_pages_per_s']} pages/s, expected downtime {p['expected_downtime_ms']} ms"
@@ -437,14 +478,15 @@ def _cmd_protect(args) -> int:
         if line and line != shown and c["state"] == "precopy":
             print(f"kvmcolo: {line}", file=sys.stderr)
             shown = line
-        if c["state"] == "colo":
-            print(f"protected by {c['peer']}: {p.get('round')} pre-copy rounds, {p.get('sent_mib')} MiB, "
+        if c["state"] == done:
+            what = "migrated to" if migrating else "protected by"
+            print(f"{what} {c['peer']}: {p.get('round')} pre-copy rounds, {p.get('sent_mib')} MiB, "
                   f"downtime {p.get('downtime_ms')} ms")  # fmt: skip
             return 0
         if c["state"] not in ("connecting", "precopy"):
             why = c.get("last_error") or (c.get("internal_errors") or [c["state"]])[-1]
-            print(f"kvmcolo: protect failed: {why}; the guest runs on unprotected",
-                  file=sys.stderr)  # fmt: skip
+            print(f"kvmcolo: {args.command} failed: {why}; the guest runs on "
+                  + ("here" if migrating else "unprotected"), file=sys.stderr)  # fmt: skip
             return 1
         time.sleep(0.1)  # a progress display: the VMM is asked again ten times a second
 
@@ -527,8 +569,20 @@ def _print_colo(c: dict) -> None:
                   f"{r['bytes']:9}  {r['transfer_ms']:11.2f}  {r['load_ms']:7.2f}")  # fmt: skip
     for i, nic in enumerate((c.get("net") or {}).get("nics", [])):
         print(f"  net {i}: " + _net_line(nic))
-    for f in c["failovers"]:
-        print(f"  failover at {time.strftime('%H:%M:%S', time.localtime(f['time']))}: {f['kind']} ({f['reason']})")
+    p = c.get("precopy")
+    if p and c["state"] in ("connecting", "precopy"):
+        print(f"  pre-copy round {p['round']}: {p['sent_mib']} MiB sent, {p['remaining_mib']} MiB left, dirty "
+              f"{p['dirty_pages_per_s']} pages/s, expected downtime {p['expected_downtime_ms']} ms, ETA {p['eta_s']} s"
+              + (f", guest throttled {p['throttle_pct']}%" if p["throttle_pct"] else ""))  # fmt: skip
+    if c.get("last_error"):
+        print(f"  last attempt to protect failed: {c['last_error']}")
+    # The guest's history, whichever host it happened on, in time order.
+    events = [(f["time"], f"failover: {f['kind']} ({f['reason']})") for f in c["failovers"]]
+    events += [(e["time"], f"protected by {e['peer']}: {e['rounds']} pre-copy rounds, {e['sent_mib']} MiB, "
+                           f"downtime {e['downtime_ms']} ms") for e in c.get("protections", [])]  # fmt: skip
+    events += [(e["time"], f"migrated in from {e['from']}") for e in c.get("migrations", [])]
+    for at, what in sorted(events):
+        print(f"  {time.strftime('%H:%M:%S', time.localtime(at))} {what}")
 
 
 def _net_line(nic: dict) -> str:
@@ -566,7 +620,7 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_restore(args)
         if args.command == "boot":
             return _cmd_boot(args)
-        if args.command == "protect":
+        if args.command in ("protect", "migrate"):
             return _cmd_protect(args)
         if args.command == "demo":
             from kvmcolo import demo

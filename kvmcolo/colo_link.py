@@ -139,7 +139,11 @@ def accept(server: socket.socket, key: bytes, config: bytes) -> tuple[Channel, s
                     pending.pop(sock, None)
                     if isinstance(result, Channel):
                         refusals.flush()
-                        return check_config(result, peer, config), peer
+                        try:
+                            return check_config(result, peer, config), peer
+                        except WrongMode as e:  # the other side's mistake: this side waits on
+                            log.error("%s; still waiting", e)
+                        continue
                     refusals.refused(peer, str(result))  # nothing it sent is used
     finally:
         for sock in pending:
@@ -182,10 +186,17 @@ def open_secondary(sock: socket.socket, peer: str, key: bytes, config: bytes) ->
     return check_config(server_handshake(sock, key, "secondary", peer, HANDSHAKE_TIMEOUT), peer, config)
 
 
+class WrongMode(UserError):
+    """A primary that wants the other kind of connection (a migration at a
+    COLO secondary, or the other way round): refused, and the waiting side
+    goes on waiting — its own options are not the mistake."""
+
+
 def check_config(channel: Channel, peer: str, config: bytes) -> Channel:
     mtype, payload = channel.recv()
     if mtype != Msg.CONFIG:
         raise UserError(f"the primary at {peer} sent {mtype} instead of its configuration")
+    theirs = None
     try:
         theirs = jsonsafe.loads(bytes(payload))
         problem = config_mismatch(json.loads(config), theirs)
@@ -194,14 +205,20 @@ def check_config(channel: Channel, peer: str, config: bytes) -> Channel:
     if problem:
         channel.send(Msg.CONFIG_REFUSED, [problem.encode()])
         channel.close()
-        raise UserError(f"refused the primary at {peer}: {problem}")
+        wrong_mode = isinstance(theirs, dict) and json.loads(config).get("mode") != theirs.get("mode", MODE_COLO)
+        raise (WrongMode if wrong_mode else UserError)(f"refused the primary at {peer}: {problem}")
     channel.send(Msg.CONFIG_OK)
     channel.max_payload = payload_limit(json.loads(config)["machine"]["mem_size"])
     return channel
 
 
-def config_message(machine, host_meta: dict, options: ColoOptions) -> bytes:
-    return json.dumps({"machine": comparable_shape(machine.shape()), "host": host_meta,
+# What a connection is for: the primary's mode must be the waiting side's.
+MODE_COLO = "colo"  # boot --primary / protect -> boot --secondary
+MODE_MIGRATE = "migrate"  # migrate -> boot --incoming
+
+
+def config_message(machine, host_meta: dict, options: ColoOptions, mode: str = MODE_COLO) -> bytes:
+    return json.dumps({"machine": comparable_shape(machine.shape()), "host": host_meta, "mode": mode,
                        "checkpoint_delay": options.checkpoint_delay}).encode()  # fmt: skip
 
 
@@ -219,6 +236,11 @@ def comparable_shape(shape: dict) -> dict:
 
 def config_mismatch(ours: dict, theirs: dict) -> str | None:
     """A human-readable difference between two config messages, or None."""
+    mine, sent = ours.get("mode", MODE_COLO), theirs.get("mode", MODE_COLO)
+    if mine != sent:
+        return ("a migration (kvmcolo migrate) needs 'kvmcolo boot --incoming' on this host, not a COLO secondary"
+                if sent == MODE_MIGRATE else "this host waits for a migration (boot --incoming): use 'kvmcolo "
+                "migrate', not protect or boot --primary")  # fmt: skip
     a, b = ours["machine"], theirs["machine"]
     for key, what in (("mem_size", "RAM"), ("cpus", "vCPUs")):
         if a[key] != b[key]:

@@ -54,13 +54,16 @@ class SecondaryLost(Exception):
 
 class ColoPrimary:
     def __init__(self, machine, peer: tuple[str, int], key: bytes, options: ColoOptions,
-                 status: ColoStatus | None = None):  # fmt: skip
-        """`status`: a survivor's, to keep its history when it is protected again."""
+                 status: ColoStatus | None = None, mode: str = colo_link.MODE_COLO):  # fmt: skip
+        """`status`: a survivor's, to keep its history when it is protected
+        again; `mode`: MODE_MIGRATE for a migration's source."""
+        self.mode = mode
         self.machine = machine
         self.peer = peer
         self.key = key
         self.options = options
         self.status = status or ColoStatus("primary")
+        self.status.new_pair()
         self.status.set(role="primary", peer=f"{peer[0]}:{peer[1]}")  # a secondary's survivor is a primary now
         self.core = PrimaryCore(options.resume_early)
         self._core_lock = threading.Lock()  # the core is fed by the checkpoint thread and the receiver
@@ -90,7 +93,7 @@ class ColoPrimary:
         m = self.machine
         with m.held("precopy"):  # a running guest's vCPU is probed only while parked
             self.host = vmstate.HostCaps.of(m)
-        config = colo_link.config_message(m, self.host.as_meta(), self.options)
+        config = colo_link.config_message(m, self.host.as_meta(), self.options, self.mode)
         handshake = self.options.heartbeat_timeout * 5
         if sock is None:
             self.channel = colo_link.connect(self.peer, self.key, config, handshake, timeout)
@@ -105,6 +108,28 @@ class ColoPrimary:
         stops only for the final part: the last dirty pages with vCPU, VM
         and device state, until the secondary has loaded them."""
         t_start = time.perf_counter()
+        summary = self._live_copy(sock, self._start)  # the comparator takes the NICs before the guest runs on
+        self.status.set(state="colo")
+        self.status.protected_since(summary, time.perf_counter() - t_start)
+        self._send_history()
+        log.info("initial copy done: %d rounds, %.1f MiB, downtime %.1f ms (%s); COLO is running",
+                 summary["round"], summary["sent_mib"], summary["downtime_ms"], summary["stop_reason"])  # fmt: skip
+
+    def migrate(self) -> dict:
+        """Live migration: the same copy to a `boot --incoming` VMM, which
+        runs the guest from then on; here the guest is left stopped for good
+        (the caller ends the VMM).  Returns the pre-copy's summary."""
+        summary = self._live_copy(None, self._hand_over)
+        self.status.set(state="migrated")
+        log.info("migrated to %s: %d rounds, %.1f MiB, downtime %.1f ms (%s); the guest runs there now",
+                 self.status.peer, summary["round"], summary["sent_mib"], summary["downtime_ms"],
+                 summary["stop_reason"])  # fmt: skip
+        return summary
+
+    def _live_copy(self, sock, then) -> dict:
+        """Connect, pre-copy live, then the final part with the guest held:
+        the last pages and the state, until the peer has loaded them, and
+        `then()` (still held).  Returns the pre-copy's summary."""
         self.status.set(state="connecting")  # (until the secondary answers: a standby host may still be coming up)
         self.connect(sock=sock)
         self.status.set(state="precopy")
@@ -117,6 +142,7 @@ class ColoPrimary:
         self.channel.timeout = max(self.channel.timeout, 60)
         self.channel.sock.settimeout(self.channel.timeout)
         live.run()
+        self._send_history()  # the peer keeps it: it may be the one that survives (or runs on, migrated)
         t_stop = time.perf_counter()
         with m.held("checkpoint"):
             cap = vmstate.capture(m, self.dirty, vmstate.KIND_INCREMENTAL, None, self.host)
@@ -127,17 +153,23 @@ class ColoPrimary:
                 raise UserError(f"the secondary answered {mtype} to the initial copy")
             self.channel.sock.settimeout(o.heartbeat_timeout)
             self.channel.timeout = o.heartbeat_timeout
-            self._start()  # the comparator takes the NICs before the guest runs on
-        summary = live.finished(time.perf_counter() - t_stop)
-        self.status.set(state="colo")
-        self.status.protected_since(summary, time.perf_counter() - t_start)
+            then()
+        return live.finished(time.perf_counter() - t_stop)
+
+    def _hand_over(self) -> None:
+        """Migrated: the guest stays stopped here for good (a hold nobody
+        releases), and nothing more goes to the peer, which runs it now."""
+        self.machine.hold("migrated")
+        self._lost.set()
+        if self.disks is not None:
+            self.disks.detach()
+        hang_up(None, self.channel)
+
+    def _send_history(self) -> None:
         try:
             self.channel.send(Msg.HISTORY, [json.dumps(self.status.history()).encode()])
         except ChannelError as e:
             self._lose(str(e))
-        log.info("initial copy done: %d rounds, %.1f MiB, %d pages with the final state, downtime %.1f ms "
-                 "(%s); COLO is running", len(live.core.rounds), summary["sent_mib"], cap.dirty_pages,
-                 summary["downtime_ms"], summary["stop_reason"])  # fmt: skip
 
     def _start(self) -> None:
         """Start replicating (the guest held)."""

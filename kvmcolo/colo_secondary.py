@@ -41,10 +41,13 @@ log = logging.getLogger("kvmcolo.colo")
 
 class ColoSecondary:
     def __init__(self, machine, listen: tuple[str, int], key: bytes, options: ColoOptions,
-                 disk_bases: list[str] = (), overlays: list = ()):  # fmt: skip
+                 disk_bases: list[str] = (), overlays: list = (), incoming: bool = False):  # fmt: skip
         """`disk_bases`: the real images; `overlays`: the OverlayMount each one
-        is seen through by the SVM (same order as the machine's disks)."""
+        is seen through by the SVM (same order as the machine's disks);
+        `incoming`: a live migration's destination (`boot --incoming`),
+        which runs the guest itself as soon as the copy is loaded."""
         self.machine = machine
+        self.incoming = incoming
         self.disks = SecondaryDisks(disk_bases, overlays)
         self.listen_addr = listen
         self.key = key
@@ -82,7 +85,8 @@ class ColoSecondary:
         """Accept primaries until one authenticates and brings a matching VM;
         sync the disks and load its initial copy.  `sock`: a connected socket
         to the primary instead (test harness)."""
-        config = colo_link.config_message(self.machine, self.host.as_meta(), self.options)
+        mode = colo_link.MODE_MIGRATE if self.incoming else colo_link.MODE_COLO
+        config = colo_link.config_message(self.machine, self.host.as_meta(), self.options, mode)
         if sock is None:
             log.info("secondary: waiting for the primary on %s:%d", *self.listen_addr)
             ch, peer = colo_link.accept(self._server, self.key, config)
@@ -101,6 +105,8 @@ class ColoSecondary:
                 self.disks.on_write(payload)
             elif mtype == Msg.PRECOPY_PAGES:
                 precopied += self._adopt_precopy(payload)
+            elif mtype == Msg.HISTORY:
+                self.status.adopt_history(jsonsafe.loads(bytes(payload)))
             elif mtype == Msg.INITIAL_STATE:
                 break
             else:
@@ -119,6 +125,10 @@ class ColoSecondary:
         ch.sock.settimeout(self.options.heartbeat_timeout)
         self._setup_network()
         ch.send(Msg.VMSTATE_LOADED)
+        if self.incoming:
+            log.info("migration from %s loaded (%d pages pre-copied, %d with the final state)", peer, precopied,
+                     snap.pages)  # fmt: skip
+            return
         self.status.set(state="colo")
         log.info("initial copy from %s loaded (%d pages pre-copied, %d with the final state); COLO is running", peer,
                  precopied, snap.pages)
@@ -333,6 +343,24 @@ class ColoSecondary:
         self.failover_state.complete()
         self.status.set(state="active", phase="idle")
         self.status.failover("primary lost; the secondary took over", self.failover_state.reason)
+
+    def run_incoming(self) -> None:
+        """A migration's destination, its copy loaded: the guest is this
+        host's from now on.  The disks' overlays (empty: the SVM has not run)
+        become the disks, the taps join their bridges and the guest is
+        announced — a takeover, without a lost peer (no fencing: the source
+        is alive, and keeps its guest stopped for good)."""
+        with self._lock:
+            self.failover_state.require("incoming migration complete")
+        self.failover_state.activate()
+        self._ended.set()
+        hang_up(None, self.channel)
+        self.disks.take_over()
+        if self.network is not None:
+            self.network.take_over()
+        self.failover_state.complete()
+        self.status.set(state="active", phase="idle")
+        self.status.migrated_in(self.status.peer)
 
     def _goodbye_queued(self) -> bool:
         """Whether a GOODBYE already waits, unread, behind the frames queued

@@ -109,6 +109,7 @@ class ColoStatus:
         self.precopy: dict | None = None  # the live pre-copy's progress (precopy.PrecopyCore.status())
         self.protections: list[dict] = []  # each time protection began: when, to whom, what it cost
         self.last_error: str | None = None  # why the last attempt to protect failed
+        self.migrations: list[dict] = []  # live migrations that brought the guest here
         self._lock = threading.Lock()
 
     def set(self, **fields) -> None:
@@ -143,6 +144,15 @@ class ColoStatus:
             self.recent.append(rec)
             self.reasons[rec.reason] += 1
 
+    def new_pair(self) -> None:
+        """A survivor's status, carried into a new pair: the checkpoint
+        counters start again (they describe this pair); the history stays."""
+        with self._lock:
+            self.checkpoints = 0
+            self.recent.clear()
+            self.reasons.clear()
+            self.hashes.clear()
+
     def protected_since(self, precopy_status: dict, seconds: float) -> None:
         """Protection began (the initial copy is loaded): one history entry."""
         with self._lock:
@@ -152,7 +162,8 @@ class ColoStatus:
 
     def history(self) -> dict:
         with self._lock:
-            return {"failovers": list(self.failovers), "protections": list(self.protections)}
+            return {"failovers": list(self.failovers), "protections": list(self.protections),
+                    "migrations": list(self.migrations)}
 
     def adopt_history(self, history) -> None:
         """The primary's history (a secondary keeps it, so a survivor's status
@@ -162,9 +173,17 @@ class ColoStatus:
                 for k in ("failovers", "protections")):  # fmt: skip
             log.warning("the primary sent a malformed history (ignored)")
             return
+        migrations = history.get("migrations", [])
         with self._lock:
             self.failovers = history["failovers"][-HISTORY_KEPT:]
             self.protections = history["protections"][-HISTORY_KEPT:]
+            if isinstance(migrations, list) and all(isinstance(e, dict) for e in migrations):
+                self.migrations = migrations[-HISTORY_KEPT:]
+
+    def migrated_in(self, source: str | None) -> None:
+        with self._lock:
+            self.migrations.append({"from": source, "time": time.time()})
+        log.info("migration from %s complete: the guest runs here", source)
 
     def failover(self, kind: str, reason: str) -> None:
         with self._lock:
@@ -189,6 +208,7 @@ class ColoStatus:
                 "precopy": self.precopy,
                 "last_error": self.last_error,
                 "protections": list(self.protections),
+                "migrations": list(self.migrations),
             }
 
 

@@ -2,13 +2,17 @@
 
 A LAN with a client and two hosts is built from network namespaces
 (kvmcolo.lab).  Host B starts a COLO secondary, host A a primary running the
-built-in `netsrv` guest; the client asks the guest's counter service for the
-next number over one TCP connection, steadily.  Live lines show the client
-and the primary's checkpoints.  Then host A's VMM is killed with SIGKILL;
-host B takes over, announces the guest on the LAN, and the same connection
-goes on.  The summary says whether the client saw one unbroken sequence.
+built-in `netsrv` guest, each with `--standby` naming the other host; the
+client asks the guest's counter service for the next number over one TCP
+connection, steadily.  Live lines show the client and the primary's
+checkpoints.  Then host A's VMM is killed with SIGKILL; host B takes over,
+announces the guest on the LAN, and the same connection goes on.  Host A
+comes back as a secondary and host B protects the guest with it by itself
+(the pair heals); then host B is killed too, and host A takes over.  The
+summary says whether the client saw one unbroken sequence through both
+failures.
 
-Exit status 0 when it did and requests went on after the failover, 1
+Exit status 0 when it did and requests went on after each failover, 1
 otherwise.  Everything — processes, namespaces, the temporary folder — is
 removed at the end, also on Ctrl-C and SIGTERM.
 
@@ -41,18 +45,20 @@ TUN_DEVICE = "/dev/net/tun"
 DEFAULT_RATE = 20.0
 DEFAULT_KILL_AFTER, SHORT_KILL_AFTER = 10.0, 4.0
 DEFAULT_RUN_AFTER, SHORT_RUN_AFTER = 8.0, 4.0
+HEAL_TIMEOUT = 60.0  # host A restarted as a secondary -> host B protected again (standby backoff + pre-copy)
 GUEST_MEM = "128M"
 START_TIMEOUT = 30.0  # a VMM's control socket must answer by then
 COLO_TIMEOUT = 120.0  # boot + the initial full copy
 FAILOVER_TIMEOUT = 15.0  # after the kill: the heartbeat timeout (1 s) and then some
 LOG_TAIL = 15
 
-HELP = "show COLO at work: a client keeps its connection while the host under the guest dies"
+HELP = "show COLO at work: a client keeps its connection while the hosts under the guest die, one after the other"
 DESCRIPTION = (
     "Build a small LAN on this machine out of network namespaces (a client and two hosts), run the "
     "built-in netsrv guest under COLO on host A (primary) and host B (secondary), keep a client talking "
     "to it over one TCP connection, kill host A's VMM, and show host B taking over without the client "
-    "losing its connection or a single reply. Needs root and /dev/kvm; cleans up after itself."
+    "losing its connection or a single reply; then host A comes back, the pair heals by itself, and host B "
+    "is killed too. Needs root and /dev/kvm; cleans up after itself."
 )
 
 
@@ -188,9 +194,11 @@ class _Demo:
         self.pair = None  # lab.ColoLab: the two VMMs (the harness the tests and the benchmark use too)
         self.logs: dict[str, object] = {}
         self.client = None
-        self.killed_at: float | None = None  # monotonic
+        self.killed_at: float | None = None  # monotonic, the first kill
         self.failover_at: float | None = None
         self.failover: dict | None = None
+        self.failovers = 0  # seen so far
+        self.healed = False
         self._last_line_at = 0.0
 
     # ---- output
@@ -202,7 +210,7 @@ class _Demo:
         from kvmcolo.lab import CLIENT_ADDR, GUEST_ADDR, REPL_A, REPL_B
 
         left = f"  client {CLIENT_ADDR} ── LAN switch ──"
-        self.out("kvmcolo demo: one guest on two hosts in lock-step; halfway through, host A dies.\n"
+        self.out("kvmcolo demo: one guest on two hosts in lock-step; host A dies, comes back, then host B dies.\n"
                  "\n"
                  f"{left}┬── host A: primary    runs the guest (netsrv, {GUEST_ADDR})\n"
                  f"{' ' * len(left)}└── host B: secondary  a checkpointed copy of it\n"
@@ -211,7 +219,7 @@ class _Demo:
                  "\n"
                  f"The client asks the guest for the next number {self.rate:g} times a second, over one TCP\n"
                  "connection. With COLO it should see 1, 2, 3, ... without a gap, a duplicate or a reset,\n"
-                 "although the host it talks to is killed.\n")  # fmt: skip
+                 "although the host it talks to is killed — twice.\n")  # fmt: skip
 
     # ---- the story
 
@@ -223,9 +231,14 @@ class _Demo:
             self.start_vmms()
             self.start_client()
             self.watch("A", until=time.monotonic() + self.kill_after)
-            self.kill_primary()
-            self.wait_failover()
-            self.watch("B", until=time.monotonic() + self.run_after)
+            self.kill("A")
+            self.wait_failover("B")
+            self.watch("B", until=time.monotonic() + min(2.0, self.run_after / 2), both=False)
+            self.heal(comes_back="A", survivor="B")
+            self.watch("B", until=time.monotonic() + self.kill_after / 2)
+            self.kill("B")
+            self.wait_failover("A")
+            self.watch("A", until=time.monotonic() + self.run_after, both=False)
         except _Failed as e:
             self.say(f"FAILED: {e}")
             for side in e.logs:
@@ -257,15 +270,20 @@ class _Demo:
     def procs(self) -> dict:
         return self.pair.procs if self.pair is not None else {}
 
+    def standby(self, side: str) -> list[str]:
+        from kvmcolo.lab import REPL_PORT, other_addr
+
+        return ["--standby", f"{other_addr(side)}:{REPL_PORT}"]
+
     def start_vmms(self) -> None:
         from kvmcolo.lab import GUEST_ADDR, REPL_B, REPL_PORT
 
         with _as_failure():
-            self.pair.start("B")
+            self.pair.start("B", self.standby("B"))
             self.pair.wait_control("B", START_TIMEOUT)
             self.say(f"host B: secondary VMM started (pid {self.procs['B'].pid}), waiting for the primary on "
                      f"{REPL_B}:{REPL_PORT}")  # fmt: skip
-            self.pair.start("A")
+            self.pair.start("A", self.standby("A"))
             self.pair.wait_control("A", START_TIMEOUT)
             self.say(f"host A: primary VMM started (pid {self.procs['A'].pid}), booting the guest and copying it "
                      "to host B")  # fmt: skip
@@ -316,17 +334,18 @@ class _Demo:
         self.say(f"client {CLIENT_ADDR} connected to {GUEST_ADDR}:{COUNTER_PORT}; "
                  f"one request every {1000 / self.rate:g} ms")  # fmt: skip
 
-    def watch(self, side: str, until: float) -> None:
-        """A live line about once a second until `until`."""
+    def watch(self, side: str, until: float, both: bool = True) -> None:
+        """A live line about once a second until `until` (`both`: the other
+        host's VMM must be alive too)."""
         self._last_line_at = time.monotonic()
         while True:
             left = until - time.monotonic()
             time.sleep(max(0.0, min(1.0, left)))
             self.check_alive(side, "unexpectedly")
-            if side == "A":
-                self.check_alive("B", "unexpectedly")
+            if both:
+                self.check_alive("B" if side == "A" else "A", "unexpectedly")
             self.live_line(side)
-            if self.client.error and side == "A":
+            if self.client.error:
                 raise _Failed(f"the client stopped: {self.client.error}", ("A", "B"))
             if time.monotonic() >= until:
                 return
@@ -351,7 +370,7 @@ class _Demo:
         parts = [f"host {side}", client]
         if c is None:
             parts.append("(no answer on the control socket)")
-        elif side == "A" or not c.get("failovers"):
+        elif c.get("state") == "colo" and c.get("role") == "primary":
             reasons = ", ".join(f"{_short_reason(k)} {v}" for k, v in sorted(c.get("reasons", {}).items(),
                                                                           key=lambda kv: -kv[1]))  # fmt: skip
             cp = f"{c['checkpoints']} checkpoints" + (f" ({reasons})" if reasons else "")
@@ -359,42 +378,72 @@ class _Demo:
                 cp += f", last pause {c['recent'][-1]['pause_ms']:.1f} ms"
             parts.append(cp)
         else:
-            parts.append(f"{c['state']}: the guest runs here alone")
-        net = _net_summary(c.get("net") if c and not c.get("failovers") else None)
+            state = {"connecting": "alone, calling its standby host", "precopy": "alone, copying the guest to its "
+                     "standby host"}.get(c["state"], c["state"])  # fmt: skip
+            parts.append(f"{state}: the guest runs here alone")
+        net = _net_summary(c.get("net") if c and c.get("state") == "colo" else None)
         if net:
             parts.append(net)
         self.say(" | ".join(parts))
 
-    def kill_primary(self) -> None:
-        proc = self.procs["A"]
-        self.killed_at = time.monotonic()
+    def kill(self, side: str) -> None:
+        proc = self.procs[side]
+        self.last_kill_at = time.monotonic()
+        if self.killed_at is None:
+            self.killed_at = self.last_kill_at
         self.killed_wall = time.time()
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-        self.say(f"*** host A dies: its VMM (pid {proc.pid}) is killed with SIGKILL — "
+        self.say(f"*** host {side} dies: its VMM (pid {proc.pid}) is killed with SIGKILL — "
                  "no goodbye, no last checkpoint ***")  # fmt: skip
 
-    def wait_failover(self) -> None:
+    def wait_failover(self, survivor: str) -> None:
+        dead = "A" if survivor == "B" else "B"
         deadline = time.monotonic() + FAILOVER_TIMEOUT
         next_line = time.monotonic() + 1
         while time.monotonic() < deadline:
-            self.check_alive("B", "after host A died")
-            c = self.query("B")
-            if c and (c.get("failovers") or c.get("state") == "active"):
+            self.check_alive(survivor, f"after host {dead} died")
+            c = self.query(survivor)
+            if c and len(c.get("failovers") or ()) > self.failovers:  # (a secondary knows its primary's history)
+                self.failovers = len(c["failovers"])
                 self.failover_at = time.monotonic()
-                self.failover = c["failovers"][-1] if c.get("failovers") else {}
-                at = self.failover.get("time", self.killed_wall + (self.failover_at - self.killed_at))
-                took = at - self.killed_wall
+                self.failover = c["failovers"][-1]
+                took = self.failover.get("time", self.killed_wall) - self.killed_wall
                 why = self.failover.get("reason")
-                self.say(f"host B took over {max(0.0, took):.2f} s after the kill" + (f" ({why})" if why else "")
-                         + "; it announces the guest on the LAN (RARP + gratuitous ARP)")  # fmt: skip
-                self.show_switch_port()
+                self.say(f"host {survivor} took over {max(0.0, took):.2f} s after the kill" +
+                         (f" ({why})" if why else "") + "; it announces the guest on the LAN (RARP + gratuitous "
+                         "ARP)")  # fmt: skip
+                self.show_switch_port(survivor)
                 return
             if time.monotonic() >= next_line:
                 next_line += 1
-                self.live_line("B")
+                self.live_line(survivor)
             time.sleep(0.02)
-        raise _Failed(f"host B did not take over within {FAILOVER_TIMEOUT:g} s", ("B",))
+        raise _Failed(f"host {survivor} did not take over within {FAILOVER_TIMEOUT:g} s", (survivor,))
+
+    def heal(self, comes_back: str, survivor: str) -> None:
+        """The dead host comes back as a secondary; the survivor's --standby
+        finds it and protects the guest again, live, by itself."""
+        with _as_failure():
+            self.pair.start(comes_back, self.standby(comes_back), role="secondary")
+            self.pair.wait_control(comes_back, START_TIMEOUT)
+        self.say(f"host {comes_back} is back: a new secondary VMM (pid {self.procs[comes_back].pid}) waits for "
+                 f"host {survivor}, which runs the guest alone")  # fmt: skip
+        started = time.monotonic()
+        deadline = started + HEAL_TIMEOUT
+        while time.monotonic() < deadline:
+            self.check_alive(survivor, "while healing")
+            self.check_alive(comes_back, "while healing")
+            c = self.query(survivor)
+            if c and c.get("state") == "colo" and c.get("checkpoints", 0) > 0:
+                p = (c.get("protections") or [{}])[-1]
+                self.healed = True
+                self.say(f"healed: host {survivor} protected the guest with host {comes_back} by itself "
+                         f"({p.get('rounds')} pre-copy rounds, {p.get('sent_mib')} MiB, the guest stopped "
+                         f"{p.get('downtime_ms')} ms) — host {survivor} is the primary now")  # fmt: skip
+                return
+            time.sleep(0.05)
+        raise _Failed(f"host {survivor} was not protected again within {HEAL_TIMEOUT:g} s", (survivor, comes_back))
 
     def switch_port(self) -> str | None:
         """Which host the LAN switch sends the guest's MAC to, from its table."""
@@ -411,12 +460,12 @@ class _Demo:
                 return {"portA": "host A", "portB": "host B", "portC": "the client"}.get(port, port)
         return None
 
-    def show_switch_port(self, timeout: float = 2.0) -> None:
+    def show_switch_port(self, side: str, timeout: float = 2.0) -> None:
         deadline = time.monotonic() + timeout
-        while (where := self.switch_port()) != "host B" and time.monotonic() < deadline:
+        while (where := self.switch_port()) != f"host {side}" and time.monotonic() < deadline:
             time.sleep(0.05)
-        if where == "host B":
-            self.say("LAN switch: the guest's MAC address has moved to host B's port")
+        if where == f"host {side}":
+            self.say(f"LAN switch: the guest's MAC address has moved to host {side}'s port")
         else:
             self.say(f"LAN switch: the guest's MAC address is still on {where or 'no port'} "
                      "(the announcement is missing)")  # fmt: skip
@@ -432,10 +481,14 @@ class _Demo:
         problems = client.check_sequence()
         gap, gap_end = client.longest_gap()
         normal = 1 / self.rate
+        last_kill = getattr(self, "last_kill_at", kill)
+        final = sum(1 for t, _, _ in records if t >= last_kill) if last_kill != kill else after
         self.out("\nsummary")
         if records:
-            self.out(f"  replies   {before} while host A was primary, {after} after it died "
-                     f"(counter {records[0][1]} → {records[-1][1]})")  # fmt: skip
+            self.out(f"  replies   {before} before host A died, {after} after (of them {final} after the last "
+                     f"failure; counter {records[0][1]} → {records[-1][1]})")  # fmt: skip
+            self.out(f"  failures  {self.failovers} host{'s' if self.failovers != 1 else ''} died, each survived; "
+                     f"the pair {'healed by itself in between' if self.healed else 'did not heal'}")  # fmt: skip
         else:
             self.out("  replies   none")
         if len(records) > 1:
@@ -446,20 +499,23 @@ class _Demo:
         conn = "one TCP connection, never reset" if client.error is None else f"connection lost: {client.error}"
         self.out(f"  sequence  {seq}; {conn}")
         failures = []
-        if self.failover is None:
-            failures.append("no failover happened")
+        if self.failovers < 2:
+            failures.append(f"{self.failovers} failovers happened, not 2")
+        if not self.healed:
+            failures.append("the pair did not heal")
         if problems:
             failures.append("the counter sequence broke")
         if client.error is not None:
             failures.append("the client's connection failed")
-        if after == 0:
-            failures.append("no reply after host A died")
+        if final == 0:
+            failures.append("no reply after the last failure")
         elif client.error is None and records and time.monotonic() - records[-1][0] > max(2.0, 5 / self.rate):
             failures.append(f"the guest stopped answering ({time.monotonic() - records[-1][0]:.1f} s without a reply)")
         if failures:
             self.out(f"  result    FAIL: {'; '.join(failures)}")
             return False
-        self.out("  result    PASS: host A died and the client noticed nothing but a short pause")
+        self.out("  result    PASS: both hosts died, one after the other, and the client noticed nothing but two "
+                 "short pauses")
         return True
 
     def show_log(self, side: str) -> None:

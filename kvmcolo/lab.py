@@ -87,15 +87,16 @@ def boot_args(side: str, key_file: str, control: str, extra: Sequence[str] = (),
     secondary gets its guest from the primary).  `guest`: other VM options
     instead of netsrv's (a kernel, its disk and command line, which must
     configure GUEST_ADDR itself); the lab's NIC is added to them.  `role`:
-    "primary" or "secondary" (default: A is the primary, B the secondary;
-    after a failover the dead host comes back as the survivor's secondary)."""
+    "primary", "secondary" or "incoming" (default: A is the primary, B the
+    secondary; after a failover the dead host comes back as the survivor's
+    secondary)."""
     s = side_name(side)
     role = role or ("primary" if s == "A" else "secondary")
     argv = [*(kvmcolo_command() if exe is None else exe), "boot"]
     if role == "primary":
         argv += ["--primary", "--peer", f"{other_addr(s)}:{REPL_PORT}"]
-    else:
-        argv += ["--secondary", "--listen", f"{SIDES[s]['addr']}:{REPL_PORT}"]
+    else:  # "secondary", or "incoming" (a live migration's destination)
+        argv += [f"--{role}", "--listen", f"{SIDES[s]['addr']}:{REPL_PORT}"]
     argv += ["--key-file", str(key_file), "--control", str(control), *extra]
     return argv + _vm_args(s, mem, guest, guest_args if role == "primary" else ())
 
@@ -179,9 +180,11 @@ class ColoLab:
         self.procs["A"] = self.spawn("A", argv)
         return self.procs["A"]
 
-    def protect(self, extra: Sequence[str] = (), timeout: float = 120) -> subprocess.CompletedProcess:
-        """`kvmcolo protect` of host A's guest, host B's VMM as the secondary."""
-        argv = [*kvmcolo_command(), "protect", "--peer", f"{REPL_B}:{REPL_PORT}", "--key-file", self.key,
+    def protect(self, extra: Sequence[str] = (), timeout: float = 120,
+                command: str = "protect") -> subprocess.CompletedProcess:  # fmt: skip
+        """`kvmcolo protect` (or `migrate`) of host A's guest, host B's VMM
+        as the secondary (or the destination)."""
+        argv = [*kvmcolo_command(), command, "--peer", f"{REPL_B}:{REPL_PORT}", "--key-file", self.key,
                 "--control", self.sock("A"), *extra]  # fmt: skip
         return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
 

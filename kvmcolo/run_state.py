@@ -28,7 +28,7 @@ from collections import Counter
 from typing import Callable
 
 OPERATOR = "operator"
-REASONS = frozenset({OPERATOR, "checkpoint", "snapshot", "failover", "load", "start", "throttle", "precopy"})
+REASONS = frozenset({OPERATOR, "checkpoint", "snapshot", "failover", "load", "start", "throttle", "precopy", "migrated"})
 
 
 class RunState:

@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 # primary's survivor, or a secondary that took over.  Only these (or a VMM
 # that never had a peer) can be protected again.
 SURVIVOR_STATES = ("alone", "active")
-STANDBY_BACKOFF_S = (1, 2, 4, 8, 10)  # between tries of the --standby hosts, then every 10 s
+STANDBY_BACKOFF_S = (1, 2, 4, 8, 10)
+MIGRATED_LINGER_S = 1.0  # a migrated source answers 'migrated' this long before it ends  # between tries of the --standby hosts, then every 10 s
 
 
 class Vmm:
@@ -55,6 +56,7 @@ class Vmm:
                 "checkpoint": self.checkpoint,
                 "serial-input": self.serial_input,
                 "protect": self.protect,
+                "migrate": self.migrate,
             },
         )
 
@@ -121,23 +123,53 @@ class Vmm:
         self._require_alone()
         return self._start_protect(*_protect_arguments(peer, key_file, options))
 
-    def _require_alone(self) -> None:
+    def migrate(self, peer: str = "", key_file: str = "", options: dict | None = None) -> dict:
+        """Move this guest live to a `boot --incoming` VMM (`kvmcolo migrate`);
+        this VMM then ends (status 0).  Refused while COLO protects the guest:
+        it fails over instead (migrating a protected primary and keeping it
+        protected is not built).  Returns at once; progress in query-colo."""
+        self._require_running_vm()
+        self._require_alone("migration is refused while COLO is {}: a protected guest fails over instead; "
+                            "migrate a guest that runs alone")  # fmt: skip
+        return self._start_protect(*_protect_arguments(peer, key_file, options), migrate=True)
+
+    def _migrate(self, colo) -> None:
+        try:
+            colo.migrate()
+        except (UserError, ChannelError, OSError, vmstate.IncompatibleState) as e:
+            colo.abandon(str(e))
+            return
+        # The guest runs on the destination now; this VMM lingers a moment so
+        # `kvmcolo migrate` can read the result, then ends.
+        time.sleep(MIGRATED_LINGER_S)
+        self.machine.vm.request_exit(0, f"migrated to {colo.status.peer}")
+
+    def _require_alone(self, refusal: str = "protection is already {}: only a guest that runs alone can be "
+                       "protected") -> None:  # fmt: skip
         state = self.colo.status.state if self.colo is not None else None
         if state is not None and state not in SURVIVOR_STATES:
-            raise CommandError(f"protection is already {state}: only a guest that runs alone can be protected")
+            raise CommandError(refusal.format(state))
 
-    def _start_protect(self, address: tuple[str, int], key: bytes, options: ColoOptions) -> dict:
+    def _start_protect(self, address: tuple[str, int], key: bytes, options: ColoOptions,
+                       migrate: bool = False) -> dict:  # fmt: skip
+        """A new ColoPrimary takes over from the survivor's (if any) and
+        protects the guest (or migrates it) on its own guarded thread."""
+        from kvmcolo.colo_link import MODE_COLO, MODE_MIGRATE
         from kvmcolo.colo_primary import ColoPrimary
 
         with self._protect_lock:  # the operator and the standby thread may both try
             self._require_alone()
             current = self.colo
-            colo = ColoPrimary(self.machine, address, key, options, current.status if current else None)
+            colo = ColoPrimary(self.machine, address, key, options, current.status if current else None,
+                               MODE_MIGRATE if migrate else MODE_COLO)  # fmt: skip
             colo.status.set(state="connecting", precopy=None, last_error=None)
             if current is not None:
                 current.retire()  # the old pair's ports, disk forwarding and RAM cache go; new ones take over
             self.colo = colo
-        guarded("protect", lambda: self._protect(colo), colo._internal_error)
+        if migrate:
+            guarded("migrate", lambda: self._migrate(colo), colo._internal_error)
+        else:
+            guarded("protect", lambda: self._protect(colo), colo._internal_error)
         return colo.status.as_dict()
 
     def _standby_tick(self) -> None:
@@ -275,6 +307,15 @@ class Vmm:
         if self.colo is not None and hasattr(self.colo, "goodbye"):
             self.colo.goodbye(result.status, result.reason)
         return result
+
+    def run_incoming(self) -> VmExit:
+        """A migration's destination: wait for the source's copy, then run
+        the guest as this host's own."""
+        with self._serving():
+            self.colo.wait_for_primary()
+            self.colo.run_incoming()
+            self.machine.start()
+            return self.machine.wait()
 
     def run_colo_secondary(self) -> VmExit:
         """Wait for the primary, adopt its initial copy, run the SVM under checkpoints."""

@@ -39,11 +39,13 @@ class ColoPair:
             self.close()
             raise
 
-    def start_secondary(self, vm_args, extra=(), key=None, port: int = PORT, env=None, side: str = "b") -> GuestProcess:
-        """A secondary on host B (or on host A, once B's survivor is to be protected)."""
+    def start_secondary(self, vm_args, extra=(), key=None, port: int = PORT, env=None, side: str = "b",
+                        role: str = "secondary") -> GuestProcess:  # fmt: skip
+        """A secondary on host B (or on host A, once B's survivor is to be
+        protected); role="incoming": a live migration's destination."""
         ns, addr = (self.b, ADDR_B) if side == "b" else (self.a, ADDR_A)
         proc = GuestProcess(ns.cmd(
-            kvmcolo_exe(), "boot", "--secondary", "--listen", f"{addr}:{port}", "--key-file", str(key or self.key),
+            kvmcolo_exe(), "boot", f"--{role}", "--listen", f"{addr}:{port}", "--key-file", str(key or self.key),
             "--control", str(self.tmp / f"{side}.sock"), *extra, *vm_args), env)  # fmt: skip
         self.wait_socket(proc, self.tmp / f"{side}.sock")
         if side == "b":
@@ -68,11 +70,11 @@ class ColoPair:
         return self.primary
 
     def protect(self, extra=(), key=None, port: int = PORT, timeout: float = 120,
-                side: str = "a") -> subprocess.CompletedProcess:  # fmt: skip
-        """`kvmcolo protect` host A's guest with host B as the secondary (or
-        B's with A: side="b"); returns when it has."""
+                side: str = "a", command: str = "protect") -> subprocess.CompletedProcess:  # fmt: skip
+        """`kvmcolo protect` (or `migrate`) host A's guest with host B as the
+        secondary (or B's with A: side="b"); returns when it has."""
         peer = ADDR_B if side == "a" else ADDR_A
-        return subprocess.run([kvmcolo_exe(), "protect", "--peer", f"{peer}:{port}", "--key-file",
+        return subprocess.run([kvmcolo_exe(), command, "--peer", f"{peer}:{port}", "--key-file",
                                str(key or self.key), "--control", str(self.tmp / f"{side}.sock"), *extra],
                               capture_output=True, text=True, timeout=timeout)  # fmt: skip
 

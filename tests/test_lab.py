@@ -293,6 +293,9 @@ def test_readme_first_command_short(kvm_device, images):
     assert proc.returncode == 0, text
     assert "COLO is running" in text and "host A dies" in text and "host B took over" in text
     assert "the guest's MAC address has moved to host B's port" in text
+    assert "healed: host B protected the guest with host A by itself" in text  # the second act
+    assert "host B dies" in text and "host A took over" in text and "moved to host A's port" in text
+    assert "2 hosts died, each survived" in text
     assert "no gap, no duplicate; one TCP connection, never reset" in text and "PASS" in text
     assert "-{}".format(proc.pid) not in netns_list()
 

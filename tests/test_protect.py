@@ -167,3 +167,23 @@ def test_a_secondarys_survivor_is_protected_by_the_host_that_came_back(images, t
         check_survivor(pair, "a", new_secondary, mark, before=1)
     finally:
         pair.close()
+
+
+def test_a_migration_destination_refuses_protect_then_takes_the_migration(hosts):
+    pair = hosts
+    run_alone_for_a_while(pair)
+    destination = pair.start_secondary(VM, role="incoming")
+    done = pair.protect(PROTECT)
+    assert done.returncode == 1 and "waits for a migration" in done.stderr, done.stderr
+    assert destination.proc.poll() is None  # the operator's mistake: the destination waits on
+    assert pair.colo("a")["state"] == "alone"
+    done = pair.protect(command="migrate")
+    assert done.returncode == 0, done.stderr + "\n".join(pair.primary.stderr_lines[-20:])
+    assert pair.primary.proc.wait(10) == 0  # the source ends once the guest runs there
+    b = pair.colo("b")
+    assert b["state"] == "active" and b["migrations"] and not b["protected"], b
+    last_there = max(passes(pair.primary.lines))
+    start = len(destination.lines)
+    m = destination.wait_line(r"dirty: pass=(\d+) ok", start=start)  # the guest goes on there, its checks passing
+    assert int(m.group(1)) >= last_there  # on, not over
+    assert not any("FAIL" in line for line in destination.lines)

@@ -97,3 +97,51 @@ def test_the_pair_heals_itself_through_five_host_failures_on_one_connection(imag
     finally:
         pair.stop()
         the_lab.close()
+
+
+def test_migrate_a_serving_guest_under_a_client(images, tmp_path):
+    """Live migration of netsrv from host A (a lone `kvmcolo run`) to host B
+    (`boot --incoming`) while the client talks to it: no gap, no duplicate,
+    no reset; the source ends with status 0; the guest runs on host B."""
+    the_lab = lab.Lab()
+    pair = lab.ColoLab(the_lab, str(tmp_path), lambda side, argv: GuestProcess(argv))
+    try:
+        source = pair.start_alone()
+        source.wait_line(r"netsrv: ready", timeout=60)
+        pair.start("B", role="incoming")
+        pair.wait_control("B")
+        with lab.CounterClient(the_lab.client) as client:
+            client.start(rate=100)
+            wait_until(lambda: len(client.values()) >= 50 or client.error, "replies from host A")
+            done = pair.protect(command="migrate")
+            assert done.returncode == 0, done.stderr + "\n".join(source.stderr_lines[-20:])
+            assert "migrated to" in done.stdout
+            assert source.proc.wait(10) == 0 and any("migrated to" in x for x in source.stderr_lines)
+            b = control.call(pair.sock("B"), "query-colo")
+            assert b["state"] == "active" and len(b["migrations"]) == 1, b
+            moved = len(client.values())
+            wait_until(lambda: len(client.values()) >= moved + 50 or client.error, "replies from host B")
+            client.stop()
+            assert client.error is None, client.error
+            assert client.check_sequence() == [], client.check_sequence()[:5]
+    finally:
+        pair.stop()
+        the_lab.close()
+
+
+def test_migrate_to_a_colo_secondary_is_refused_and_the_guest_runs_on(images, tmp_path):
+    the_lab = lab.Lab()
+    pair = lab.ColoLab(the_lab, str(tmp_path), lambda side, argv: GuestProcess(argv))
+    try:
+        source = pair.start_alone()
+        source.wait_line(r"netsrv: ready", timeout=60)
+        pair.start("B")  # a COLO secondary, not --incoming
+        pair.wait_control("B")
+        done = pair.protect(command="migrate")
+        assert done.returncode == 1 and "boot --incoming" in done.stderr, done.stderr
+        assert len([x for x in done.stderr.splitlines() if x.strip()]) == 1
+        assert source.proc.poll() is None and control.call(pair.sock("A"), "query-status")["holds"] == {}
+        assert pair.procs["B"].proc.poll() is None  # the secondary waits on for its primary
+    finally:
+        pair.stop()
+        the_lab.close()
