@@ -22,6 +22,8 @@ heartbeat timeout.  Needs root.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import re
 import sys
 import tempfile
 import time
@@ -38,25 +40,33 @@ LOADS = (("idle", ["pages=1", "rate=1", "report=0"]), ("1,000 pages / 100 ms", [
          ("10,000 pages / 100 ms", ["pages=10000", "rate=10", "report=0"]))  # fmt: skip
 
 
-def protect_running(mem: str, guest_args: list[str], max_downtime: str) -> dict:
+@contextlib.contextmanager
+def alone_then_waiting(mem: str, guest_args: list[str], role: str = "secondary"):
+    """A dirty guest that has run alone on host A for a while (its pages are
+    its own by now), host B's VMM waiting as `role`; yields the ColoPair."""
     vm = ["--image", "dirty", "--mem", mem]
     with tempfile.TemporaryDirectory() as tmp:
         pair = ColoPair(Path(tmp), vm, start=False)
         try:
             pair.start_alone(vm, guest_args)
-            time.sleep(2)  # the guest runs unprotected for a while (its pages are its own by now)
-            pair.start_secondary(vm)
-            throttle = 0
-            done = pair.protect(["--max-downtime", max_downtime])
-            if done.returncode != 0:
-                raise SystemExit(f"protect failed: {done.stderr}")
-            for line in done.stderr.splitlines():
-                if "throttled" in line:
-                    throttle = max(throttle, int(line.rsplit(" ", 1)[-1].rstrip("%")))
-            a = pair.colo("a")
-            return {**a["protections"][-1], "stop_reason": a["precopy"]["stop_reason"], "throttle": throttle}
+            time.sleep(2)
+            pair.start_secondary(vm, role=role)
+            yield pair
         finally:
             pair.close()
+
+
+def protect_running(mem: str, guest_args: list[str], max_downtime: str) -> dict:
+    with alone_then_waiting(mem, guest_args) as pair:
+        throttle = 0
+        done = pair.protect(["--max-downtime", max_downtime])
+        if done.returncode != 0:
+            raise SystemExit(f"protect failed: {done.stderr}")
+        for line in done.stderr.splitlines():
+            if "throttled" in line:
+                throttle = max(throttle, int(line.rsplit(" ", 1)[-1].rstrip("%")))
+        a = pair.colo("a")
+        return {**a["protections"][-1], "stop_reason": a["precopy"]["stop_reason"], "throttle": throttle}
 
 
 def reprotect(mem: str, guest_args: list[str], max_downtime: str) -> dict:
@@ -81,22 +91,14 @@ def reprotect(mem: str, guest_args: list[str], max_downtime: str) -> dict:
 
 
 def migrate_dirty(mem: str, guest_args: list[str], max_downtime: str) -> dict:
-    vm = ["--image", "dirty", "--mem", mem]
-    with tempfile.TemporaryDirectory() as tmp:
-        pair = ColoPair(Path(tmp), vm, start=False)
-        try:
-            pair.start_alone(vm, guest_args)
-            time.sleep(2)
-            pair.start_secondary(vm, role="incoming")
-            t0 = time.monotonic()
-            done = pair.protect(["--max-downtime", max_downtime], command="migrate")
-            if done.returncode != 0:
-                raise SystemExit(f"migrate failed: {done.stderr}")
-            words = done.stdout.split()  # "migrated to H:P: N pre-copy rounds, M MiB, downtime D ms"
-            return {"seconds": time.monotonic() - t0, "rounds": int(words[3]), "sent_mib": float(words[7]),
-                    "downtime_ms": float(words[10])}  # fmt: skip
-        finally:
-            pair.close()
+    with alone_then_waiting(mem, guest_args, role="incoming") as pair:
+        t0 = time.monotonic()
+        done = pair.protect(["--max-downtime", max_downtime], command="migrate")
+        if done.returncode != 0:
+            raise SystemExit(f"migrate failed: {done.stderr}")
+        m = re.search(r": (\d+) pre-copy rounds, ([\d.]+) MiB, downtime ([\d.]+) ms", done.stdout)
+        return {"seconds": time.monotonic() - t0, "rounds": int(m[1]), "sent_mib": float(m[2]),
+                "downtime_ms": float(m[3])}  # fmt: skip
 
 
 def _lab_pair(tmp: str):

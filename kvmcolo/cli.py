@@ -104,40 +104,26 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_vm_options(boot, kernel_required=False)
     _add_control_option(boot, serve=True)
 
-    protect = sub.add_parser(
-        "protect",
-        help="make a running guest the COLO primary of a new pair, live",
-        description="Protect a running guest (a 'kvmcolo run' VMM, or a survivor running alone after a "
-        "failover) without stopping it: its RAM is copied to the secondary while it runs, then the rest "
-        "with its vCPU and device state in one short stop (at most about --max-downtime), and "
-        "checkpoints begin. Start the secondary first, with the same VM options. Waits until the guest "
-        "is protected, showing the pre-copy's progress.",
-        epilog="Example:\n"
+    _add_live_copy_command(
+        sub, "protect", "make a running guest the COLO primary of a new pair, live",
+        "Protect a running guest (a 'kvmcolo run' VMM, or a survivor running alone after a failover) without "
+        "stopping it: its RAM is copied to the secondary while it runs, then the rest with its vCPU and device "
+        "state in one short stop (at most about --max-downtime), and checkpoints begin. Start the secondary "
+        "first, with the same VM options. Waits until the guest is protected, showing the pre-copy's progress.",
         "  hostB# kvmcolo boot --secondary --listen 0.0.0.0:7777 --key-file /etc/kvmcolo.key --image dirty\n"
         "  hostA# kvmcolo protect --peer hostB:7777 --key-file /etc/kvmcolo.key",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    protect.add_argument("--peer", required=True, metavar="HOST:PORT", help="the secondary's replication address")
-    _add_colo_options(protect)
-    _add_control_option(protect)
-
-    migrate = sub.add_parser(
-        "migrate",
-        help="move a running guest live to another host",
-        description="Move a running guest (a 'kvmcolo run' VMM, or a COLO survivor running alone) to a "
-        "'kvmcolo boot --incoming' VMM on another host, without stopping it for longer than about "
-        "--max-downtime: its RAM is copied while it runs, then the rest with its vCPU and device state; the "
-        "destination takes the guest's taps onto its bridges and announces it on the LAN, and the source VMM "
-        "ends with status 0. Clients keep their TCP connections. Refused while COLO protects the guest.",
-        epilog="Example:\n"
+        "the secondary's replication address", _add_colo_options)
+    _add_live_copy_command(
+        sub, "migrate", "move a running guest live to another host",
+        "Move a running guest (a 'kvmcolo run' VMM, or a COLO survivor running alone) to a 'kvmcolo boot "
+        "--incoming' VMM on another host, without stopping it for longer than about --max-downtime: its RAM is "
+        "copied while it runs, then the rest with its vCPU and device state; the destination takes the guest's "
+        "taps onto its bridges and announces it on the LAN, and the source VMM ends with status 0. Clients keep "
+        "their TCP connections. Refused while COLO protects the guest.",
         "  hostB# kvmcolo boot --incoming --listen 0.0.0.0:7777 --key-file /etc/kvmcolo.key --image netsrv \\\n"
         "             --net tap=tap0,bridge=br0\n"
         "  hostA# kvmcolo migrate --peer hostB:7777 --key-file /etc/kvmcolo.key",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    migrate.add_argument("--peer", required=True, metavar="HOST:PORT", help="the destination's address")
-    _add_precopy_options(migrate)
-    _add_control_option(migrate)
+        "the destination's address", _add_precopy_options)
 
     restore = sub.add_parser(
         "restore",
@@ -200,6 +186,16 @@ def _add_vm_options(parser, kernel_required: bool) -> None:
     parser.add_argument("--no-ioeventfd", dest="ioeventfd", action="store_false",
                         help="take queue notifications as MMIO exits instead of in-kernel ioeventfds (for measuring)")
     parser.add_argument("guest_args", nargs="*", metavar="-- PARAM", help="words appended to the command line")
+
+
+def _add_live_copy_command(sub, name: str, summary: str, description: str, example: str, peer: str,
+                           add_options) -> None:  # fmt: skip
+    """protect and migrate: a command for a running VMM that copies its guest live to --peer."""
+    parser = sub.add_parser(name, help=summary, description=description, epilog="Example:\n" + example,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("--peer", required=True, metavar="HOST:PORT", help=peer)
+    add_options(parser)
+    _add_control_option(parser)
 
 
 def _add_precopy_options(parser) -> None:
@@ -453,7 +449,7 @@ def _cmd_protect(args) -> int:
     import dataclasses
 
     from kvmcolo import control, wire
-    from kvmcolo.colo_session import ColoOptions
+    from kvmcolo.colo_session import COPYING_STATES, ColoOptions
 
     migrating = args.command == "migrate"
     options = ColoOptions(**_precopy_options(args)) if migrating else _colo_options(args)
@@ -475,7 +471,7 @@ def _cmd_protect(args) -> int:
         line = (f"pre-copy round {p['round']}: {p['sent_mib']} MiB sent, {p['remaining_mib']} MiB left, "
                 f"dirty {p['dirty_pages_per_s']} pages/s, expected downtime {p['expected_downtime_ms']} ms"
                 + (f", guest throttled {p['throttle_pct']}%" if p.get("throttle_pct") else "")) if p else None  # fmt: skip
-        if line and line != shown and c["state"] == "precopy":
+        if line and line != shown and c["state"] in COPYING_STATES[1:]:
             print(f"kvmcolo: {line}", file=sys.stderr)
             shown = line
         if c["state"] == done:
@@ -483,7 +479,7 @@ def _cmd_protect(args) -> int:
             print(f"{what} {c['peer']}: {p.get('round')} pre-copy rounds, {p.get('sent_mib')} MiB, "
                   f"downtime {p.get('downtime_ms')} ms")  # fmt: skip
             return 0
-        if c["state"] not in ("connecting", "precopy"):
+        if c["state"] not in COPYING_STATES:
             why = c.get("last_error") or (c.get("internal_errors") or [c["state"]])[-1]
             print(f"kvmcolo: {args.command} failed: {why}; the guest runs on "
                   + ("here" if migrating else "unprotected"), file=sys.stderr)  # fmt: skip
@@ -557,6 +553,8 @@ def _cmd_client(args) -> int:
 
 
 def _print_colo(c: dict) -> None:
+    from kvmcolo.colo_session import COPYING_STATES
+
     protection = "protected" if c.get("protected") else "NOT protected"
     print(f"COLO {c['role']}: {c['state']} ({protection}), peer {c['peer']}, {c['checkpoints']} checkpoints "
           f"(reasons: {', '.join(f'{k} {v}' for k, v in c['reasons'].items()) or 'none'})")  # fmt: skip
@@ -570,7 +568,7 @@ def _print_colo(c: dict) -> None:
     for i, nic in enumerate((c.get("net") or {}).get("nics", [])):
         print(f"  net {i}: " + _net_line(nic))
     p = c.get("precopy")
-    if p and c["state"] in ("connecting", "precopy"):
+    if p and c["state"] in COPYING_STATES:
         print(f"  pre-copy round {p['round']}: {p['sent_mib']} MiB sent, {p['remaining_mib']} MiB left, dirty "
               f"{p['dirty_pages_per_s']} pages/s, expected downtime {p['expected_downtime_ms']} ms, ETA {p['eta_s']} s"
               + (f", guest throttled {p['throttle_pct']}%" if p["throttle_pct"] else ""))  # fmt: skip

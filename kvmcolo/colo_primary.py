@@ -132,7 +132,7 @@ class ColoPrimary:
         `then()` (still held).  Returns the pre-copy's summary."""
         self.status.set(state="connecting")  # (until the secondary answers: a standby host may still be coming up)
         self.connect(sock=sock)
-        self.status.set(state="precopy")
+        self.status.set(state=self._copying_state())
         m = self.machine
         with m.held("precopy"):  # logging starts (and the reader is armed) with the guest parked
             self.dirty = dirty_log.of(m).reader("colo")
@@ -155,6 +155,12 @@ class ColoPrimary:
             self.channel.timeout = o.heartbeat_timeout
             then()
         return live.finished(time.perf_counter() - t_stop)
+
+    def _copying_state(self) -> str:
+        if self.mode == colo_link.MODE_MIGRATE:
+            return "migrating"
+        history = self.status.history()
+        return "reprotecting" if history["failovers"] or history["protections"] else "precopy"
 
     def _hand_over(self) -> None:
         """Migrated: the guest stays stopped here for good (a hold nobody

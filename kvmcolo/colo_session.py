@@ -27,6 +27,14 @@ DEFAULT_HEARTBEAT_INTERVAL = 0.1
 DEFAULT_HEARTBEAT_TIMEOUT = 1.0
 DEFAULT_CHECKPOINT_DELAY = 0.1
 HISTORY_KEPT = 100  # failovers and protections a status remembers
+# The lifecycle, as `status` shows it:
+#   connecting    a protect/migrate waits for its peer (a standby host may still be coming up)
+#   precopy       the first protection's live pre-copy; reprotecting: a survivor's; migrating: a migration's
+#   colo          protected: checkpoints happen (the only state that claims protection)
+#   alone         a primary whose secondary is gone; active: a secondary that took over (or a migration's
+#                 destination); migrated: a source whose guest runs elsewhere now
+#   fencing / fenced-out / failed   see the failover rules
+COPYING_STATES = ("connecting", "precopy", "reprotecting", "migrating")
 
 
 @dataclass

@@ -378,8 +378,8 @@ class _Demo:
                 cp += f", last pause {c['recent'][-1]['pause_ms']:.1f} ms"
             parts.append(cp)
         else:
-            state = {"connecting": "alone, calling its standby host", "precopy": "alone, copying the guest to its "
-                     "standby host"}.get(c["state"], c["state"])  # fmt: skip
+            state = {"connecting": "alone, calling its standby host", "reprotecting": "alone, copying the guest to "
+                     "its standby host"}.get(c["state"], c["state"])  # fmt: skip
             parts.append(f"{state}: the guest runs here alone")
         net = _net_summary(c.get("net") if c and c.get("state") == "colo" else None)
         if net:

@@ -9,13 +9,11 @@ from __future__ import annotations
 import pytest
 
 from colo_pair import ColoPair, passes
-from conftest import wait_until
+from conftest import kvmcolo_cmd, wait_until
 from test_colo import assert_same_state, check_survivor, progress_mark
+from test_colo_operator import DIRTY, FAST, VERIFY, VM
 
-VM = ["--image", "dirty", "--mem", "64M"]
-DIRTY = ["pages=500", "report=500"]
-VERIFY = ["--verify-every", "2"]
-PROTECT = ["--checkpoint-delay", "100", *VERIFY]
+PROTECT = FAST  # checkpoints every 100 ms, every 2nd verified on both sides
 
 
 @pytest.fixture
@@ -124,6 +122,8 @@ def test_a_survivor_is_protected_again_by_a_new_secondary(images, tmp_path):
         assert done.returncode == 0, done.stderr + "\n".join(pair.primary.stderr_lines[-20:])
         a = assert_protected(pair)
         assert len(a["protections"]) == 2 and len(a["failovers"]) == 1, a  # the history survives
+        shown = kvmcolo_cmd("status", "--control", str(pair.tmp / "a.sock")).stdout
+        assert shown.count(" protected by ") == 2 and shown.count(" failover: ") == 1, shown  # in time order
         mark = progress_mark(pair)
         pair.primary.proc.kill()
         check_survivor(pair, "b", pair.secondary, mark, before=1)  # B knew of A's earlier failover
