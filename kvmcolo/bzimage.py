@@ -85,6 +85,8 @@ def read_bzimage(path: str, data: bytes) -> BzImage:
     anything this loader cannot boot."""
     if not is_bzimage(data):
         raise UserError(f"kernel {path!r} is not a bzImage (no 'HdrS' setup header)")
+    if len(data) < _SETUP_HEADER_LIMIT:  # every field read below lies before this
+        raise UserError(f"kernel {path!r} is a truncated bzImage ({len(data)} bytes, not even its setup header)")
     version = struct.unpack_from("<H", data, _VERSION)[0]
     xloadflags = struct.unpack_from("<H", data, _XLOADFLAGS)[0] if version >= MIN_VERSION else 0
     if version < MIN_VERSION or not xloadflags & XLF_KERNEL_64:
