@@ -100,7 +100,8 @@ def _build_parser() -> argparse.ArgumentParser:
                       help="heal by itself: when this side runs alone (its peer lost), protect the guest again "
                       "with the secondary waiting at HOST:PORT (repeatable: tried in turn, with backoff)")
     boot.add_argument("--overlay-dir", metavar="DIR",
-                      help="where the secondary mounts its disk overlays (default /run/kvmcolo/overlay)")
+                      help="where the disk overlays are mounted: a secondary's, and a primary's at a switchover "
+                      "(default /run/kvmcolo/overlay)")  # fmt: skip
     _add_vm_options(boot, kernel_required=False)
     _add_control_option(boot, serve=True)
 
@@ -140,7 +141,9 @@ def _build_parser() -> argparse.ArgumentParser:
     for name, text in (("status", "show a running VMM's state"), ("stop", "pause a running VMM's guest"),
                        ("cont", "resume a paused guest"), ("stats", "show a running VMM's counters"),
                        ("quit", "end a running VMM"), ("failover", "declare the COLO peer lost and go on alone"),
-                       ("checkpoint", "ask a COLO primary for a checkpoint now")):  # fmt: skip
+                       ("checkpoint", "ask a COLO primary for a checkpoint now"),
+                       ("switchover", "swap a COLO pair's roles, planned (asked of the primary): the secondary "
+                        "becomes the primary and this side its secondary, with nothing copied and nothing lost")):  # fmt: skip
         _add_control_option(sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + "."))
     snap = sub.add_parser("snapshot", help="write a snapshot of a running VMM",
                           description="Write a snapshot of a running VMM's guest to FILE (atomically). The "
@@ -373,6 +376,7 @@ def _secondary_overlays(config, overlay_dir):
 
 def _cmd_boot(args) -> int:
     from kvmcolo import control, wire
+    from kvmcolo.colo_disk import DiskViews
     from kvmcolo.machine import Machine
     from kvmcolo.vmm import Vmm
 
@@ -391,11 +395,13 @@ def _cmd_boot(args) -> int:
     overlays, bases = [], []
     if waits and config.disks:
         overlays, bases = _secondary_overlays(config, args.overlay_dir)
+    else:
+        bases = [spec.path for spec in config.disks]
+    disks = DiskViews(bases, overlays, args.overlay_dir)
     try:
         machine = Machine(config, boot_kernel=args.primary)
     except BaseException:
-        for o in overlays:
-            o.close()
+        disks.close()
         raise
     if machine.kernel_format:
         log.info("kernel %s: %s", config.kernel, machine.kernel_format)
@@ -409,11 +415,10 @@ def _cmd_boot(args) -> int:
 
             colo = ColoSecondary(machine, _address(args.listen, "--listen"), key, options, bases, overlays,
                                  incoming=args.incoming)  # fmt: skip
-        vmm = Vmm(machine, args.control or control.default_path(), colo, standby)
+        vmm = Vmm(machine, args.control or control.default_path(), colo, standby, disks)
     except BaseException:
         machine.close()
-        for o in overlays:
-            o.close()
+        disks.close()
         raise
     try:
         result = (vmm.run_colo_primary() if args.primary else vmm.run_incoming() if args.incoming
@@ -423,8 +428,7 @@ def _cmd_boot(args) -> int:
         return INTERRUPTED_STATUS
     finally:
         machine.close()
-        for o in overlays:
-            o.close()
+        disks.close()  # (after the machine: its disks may be files in these mounts)
         if config.serial_output is not None:
             config.serial_output.close()
     (log.error if result.failed else log.info)("%s", result.reason)
@@ -513,6 +517,7 @@ def _serve(machine, control_path, serial_out, paused: bool = False) -> int:
         return INTERRUPTED_STATUS
     finally:
         machine.close()
+        vmm.disks.close()  # overlays a switchover mounted (after the machine, whose disks may be in them)
         if serial_out is not None:
             serial_out.close()
     if result.failed:
@@ -552,6 +557,32 @@ def _cmd_client(args) -> int:
     return 0
 
 
+def _cmd_switchover(args) -> int:
+    """Ask the primary to swap roles, then follow until it is the new
+    secondary (0) or the switchover failed (1: what happened instead)."""
+    from kvmcolo import control
+
+    path = control.find_socket(args.control)
+    before = len(control.call(path, "switchover").get("switchovers", []))
+    deadline = None
+    while True:
+        c = control.call(path, "query-colo")
+        swapped = c["role"] == "secondary" and c["state"] == "colo"
+        if swapped and deadline is None:
+            deadline = time.monotonic() + 5  # the new primary's history (with this switchover) follows
+        if c["state"] == "switching" or (swapped and len(c["switchovers"]) == before and time.monotonic() < deadline):
+            time.sleep(0.05)  # polling the VMM's own progress
+            continue
+        if swapped:
+            done = c["switchovers"][-1] if len(c["switchovers"]) > before else {}
+            print(f"switched over: {c['peer']} is the primary now, this side its secondary (the guest stopped "
+                  f"{done.get('pause_ms', '?')} ms)")  # fmt: skip
+            return 0
+        why = c.get("last_error") or (c.get("internal_errors") or [f"COLO is {c['state']}"])[-1]
+        print(f"kvmcolo: switchover failed: {why}", file=sys.stderr)
+        return 1
+
+
 def _print_colo(c: dict) -> None:
     from kvmcolo.colo_session import COPYING_STATES
 
@@ -573,12 +604,14 @@ def _print_colo(c: dict) -> None:
               f"{p['dirty_pages_per_s']} pages/s, expected downtime {p['expected_downtime_ms']} ms, ETA {p['eta_s']} s"
               + (f", guest throttled {p['throttle_pct']}%" if p["throttle_pct"] else ""))  # fmt: skip
     if c.get("last_error"):
-        print(f"  last attempt to protect failed: {c['last_error']}")
+        print(f"  last attempt failed: {c['last_error']}")
     # The guest's history, whichever host it happened on, in time order.
     events = [(f["time"], f"failover: {f['kind']} ({f['reason']})") for f in c["failovers"]]
     events += [(e["time"], f"protected by {e['peer']}: {e['rounds']} pre-copy rounds, {e['sent_mib']} MiB, "
                            f"downtime {e['downtime_ms']} ms") for e in c.get("protections", [])]  # fmt: skip
     events += [(e["time"], f"migrated in from {e['from']}") for e in c.get("migrations", [])]
+    events += [(e["time"], f"switchover: the primary was {e['from']}; the guest stopped {e['pause_ms']} ms")
+               for e in c.get("switchovers", [])]  # fmt: skip
     for at, what in sorted(events):
         print(f"  {time.strftime('%H:%M:%S', time.localtime(at))} {what}")
 
@@ -624,6 +657,8 @@ def main(argv: list[str] | None = None) -> int:
             from kvmcolo import demo
 
             return demo.main(args)
+        if args.command == "switchover":
+            return _cmd_switchover(args)
         if args.command in ("status", "stop", "cont", "stats", "quit", "snapshot", "failover", "checkpoint", "sysrq"):
             return _cmd_client(args)
         _build_parser().print_help()

@@ -32,6 +32,16 @@ The rules (each one is data below, read the tables first):
    before anything else of the primary's is taken.
 6. Heartbeats are liveness only: every core ignores them in every state.
 
+Switchover (a planned role swap, operator-asked on the primary): the
+primary, its guest already held, sends SWITCHOVER and at once the request
+for one last checkpoint this way round; the secondary holds its SVM from
+SWITCHOVER on.  Both stop their heartbeats there, so once that checkpoint
+is loaded neither sends anything more on this channel: both cores end in
+SWITCHED and both drivers stop reading, leaving the connection to the new
+pair (the old secondary now the primary), which handshakes on it afresh.
+Nothing of a switchover depends on timing: SWITCHOVER precedes the last
+request on the channel, and the last VMSTATE_LOADED is the last frame.
+
 Failover (both sides): NONE -> REQUIRE -> ACTIVE -> COMPLETED.  A request
 that arrives while the secondary is loading a checkpoint is RELAUNCH: the
 load finishes first (it was received whole and verified), then failover
@@ -68,6 +78,7 @@ class Msg(enum.IntEnum):
     GOODBYE = 21  # orderly end (the guest exited); payload: JSON reason/status
     HISTORY = 22  # primary -> secondary once protection began: JSON failovers and protections so far (the
     #               pair's history lives on in whichever side survives; outside the transaction table)
+    SWITCHOVER = 23  # primary -> secondary: the next checkpoint is the last one before the roles swap
 
 
 class ProtocolError(Exception):
@@ -89,6 +100,10 @@ class Act(enum.Enum):
     SEND_LOADED = "send VMSTATE_LOADED"
     SEND_REQUEST = "send CHECKPOINT_REQUEST"
     CHECKPOINT_DONE = "record the finished checkpoint"
+    STOP_HEARTBEAT = "send no more heartbeats on this channel"
+    SEND_SWITCHOVER = "send SWITCHOVER"
+    HOLD_FOR_SWITCH = "hold the local VM until the new pair runs"
+    SWITCH_ROLES = "hand the channel to the new pair, roles swapped"
 
 
 # ---- primary ---------------------------------------------------------------------------
@@ -99,6 +114,7 @@ class PState(enum.Enum):
     REQUESTED = "requested"  # waiting for CHECKPOINT_REPLY
     SENT = "sent"  # state sent, waiting for VMSTATE_RECEIVED
     RECEIVED = "received"  # waiting for VMSTATE_LOADED
+    SWITCHED = "switched"  # the last checkpoint before a switchover is loaded: nothing more on this channel
 
 
 class Event(enum.Enum):
@@ -106,6 +122,7 @@ class Event(enum.Enum):
 
     START = "a checkpoint is due (timer, comparator, operator)"
     LOADED = "the secondary driver finished loading a checkpoint"
+    SWITCH = "a switchover is due (the primary's guest is held): one last checkpoint, then the roles swap"
 
 
 def _primary_table(resume_early: bool) -> dict:
@@ -119,23 +136,46 @@ def _primary_table(resume_early: bool) -> dict:
             PState.SENT, [Act.PAUSE_VM, Act.CAPTURE, *after_capture, Act.SEND_STATE]),
         (PState.SENT, Msg.VMSTATE_RECEIVED): (PState.RECEIVED, [Act.RELEASE_OUTPUT]),
         (PState.RECEIVED, Msg.VMSTATE_LOADED): (PState.IDLE, [*at_loaded, Act.CHECKPOINT_DONE]),
+        (PState.IDLE, Event.SWITCH): (PState.REQUESTED, [Act.STOP_HEARTBEAT, Act.SEND_SWITCHOVER, Act.SEND_REQUEST]),
     }  # fmt: skip
+
+
+def _primary_last(resume_early: bool) -> dict:
+    """Where the last checkpoint before a switchover ends differently (the
+    rows above hold for it otherwise)."""
+    at_loaded = [] if resume_early else [Act.RESUME_VM]
+    return {(PState.RECEIVED, Msg.VMSTATE_LOADED): (PState.SWITCHED, [*at_loaded, Act.CHECKPOINT_DONE,
+                                                                      Act.SWITCH_ROLES])}  # fmt: skip
+
+
+# The events after which the checkpoint in the making is the last one.
+_STARTS_LAST = frozenset({Event.SWITCH, Msg.SWITCHOVER})
+
+
+def _step(table: dict, last_table: dict, state, event, last: bool):
+    step = (last_table.get((state, event)) if last else None) or table.get((state, event))
+    if step is None:
+        raise ProtocolError(f"unexpected {event.name} while {state.value}")
+    return step
 
 
 class PrimaryCore:
     def __init__(self, resume_early: bool = True):
         self.state = PState.IDLE
         self.resume_early = resume_early
+        self.last = False  # the checkpoint under way (or next) is the last before a switchover
         self._table = _primary_table(resume_early)
+        self._last_table = _primary_last(resume_early)
 
     def on_event(self, event: Msg | Event) -> list[Act]:
         if event is Msg.HEARTBEAT:
             return []
-        step = self._table.get((self.state, event))
-        if step is None:
-            raise ProtocolError(f"unexpected {event.name} while {self.state.value}")
-        self.state, acts = step
+        self.state, acts = _step(self._table, self._last_table, self.state, event, self.last)
+        self.last = self.last or event in _STARTS_LAST
         return list(acts)
+
+    def switch(self) -> list[Act]:
+        return self.on_event(Event.SWITCH)
 
     def start_checkpoint(self) -> list[Act]:
         return self.on_event(Event.START)
@@ -153,6 +193,7 @@ class SState(enum.Enum):
     EXPECT_SIZE = "expect-size"
     EXPECT_DATA = "expect-data"
     LOADING = "loading"
+    SWITCHED = "switched"  # the last checkpoint before a switchover is loaded: nothing more on this channel
 
 
 _SECONDARY = {
@@ -164,6 +205,10 @@ _SECONDARY = {
         [Act.VERIFY_STATE, Act.SEND_RECEIVED, Act.LOAD_STATE, Act.RESUME_VM, Act.SEND_LOADED, Act.CHECKPOINT_DONE],
     ),
     (SState.LOADING, Event.LOADED): (SState.RUNNING, []),
+    (SState.RUNNING, Msg.SWITCHOVER): (SState.RUNNING, [Act.HOLD_FOR_SWITCH, Act.STOP_HEARTBEAT]),
+}
+_SECONDARY_LAST = {
+    (SState.LOADING, Event.LOADED): (SState.SWITCHED, [Act.SWITCH_ROLES]),
 }
 
 
@@ -171,14 +216,15 @@ class SecondaryCore:
     def __init__(self):
         self.state = SState.RUNNING
         self.expected_size: int | None = None
+        self.last = False  # SWITCHOVER came: the next checkpoint is the last before the roles swap
 
     def on_event(self, event: Msg | Event, size: int | None = None) -> list[Act]:
         """`size`: the VMSTATE_SIZE value, or the VMSTATE_DATA length."""
         if event is Msg.HEARTBEAT:
             return []
-        step = _SECONDARY.get((self.state, event))
-        if step is None:
-            raise ProtocolError(f"unexpected {event.name} while {self.state.value}")
+        step = _step(_SECONDARY, _SECONDARY_LAST, self.state, event, self.last)
+        if event is Msg.SWITCHOVER and self.last:
+            raise ProtocolError("a second SWITCHOVER")
         if event is Msg.VMSTATE_SIZE:
             self.expected_size = size
         elif event is Msg.VMSTATE_DATA and size != self.expected_size:
@@ -186,14 +232,15 @@ class SecondaryCore:
         elif event is Event.LOADED:
             self.expected_size = None
         self.state, acts = step
+        self.last = self.last or event in _STARTS_LAST
         return list(acts)
 
     def on_message(self, msg: Msg, size: int | None = None) -> list[Act]:
         return self.on_event(msg, size)
 
-    def loaded(self) -> None:
+    def loaded(self) -> list[Act]:
         """The driver finished LOAD_STATE .. SEND_LOADED."""
-        self.on_event(Event.LOADED)
+        return self.on_event(Event.LOADED)
 
 
 # ---- failover ----------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from kvmcolo.wire import ChannelError
 log = logging.getLogger("kvmcolo.colo")
 
 DISK_WRITE = struct.Struct("<HQQ")  # disk, epoch (captures so far on the primary), offset
+DEFAULT_OVERLAY_ROOT = "/run/kvmcolo/overlay"
 
 
 class PrimaryDisks:
@@ -57,10 +58,7 @@ class PrimaryDisks:
         if mtype != Msg.DISK_HASHES:
             raise UserError(f"the secondary answered {mtype} instead of its disk hashes")
         theirs = jsonsafe.loads(bytes(payload))
-        for index, device in enumerate(self.machine.block_devices()):
-            observer = lambda offset, views, index=index: self._forward(index, offset, views)  # noqa: E731
-            device.write_observers.append(observer)
-            self._observers.append((device, observer))
+        self.attach()
         for index, (image, remote) in enumerate(zip(self.machine.disk_images, theirs)):
             local = chunk_hashes(image.path)
             differ = [i for i, (a, b) in enumerate(zip(local, remote)) if a != b]
@@ -72,6 +70,16 @@ class PrimaryDisks:
                         self.channel.send(Msg.DISK_WRITE, [DISK_WRITE.pack(index, 0, chunk * HASH_CHUNK), data])
                     if n % 64 == 0 or n == len(differ):
                         log.info("disk %d: initial sync %d of %d MiB sent", index, n, len(differ))
+
+    def attach(self) -> None:
+        """Forward every guest write from now on.  Alone, without sync(): a
+        switchover's new pair, whose images are equal by construction (the
+        last checkpoint's load made them so; hashing them would stop both
+        guests for as long as reading the whole disk takes)."""
+        for index, device in enumerate(self.machine.block_devices()):
+            observer = lambda offset, views, index=index: self._forward(index, offset, views)  # noqa: E731
+            device.write_observers.append(observer)
+            self._observers.append((device, observer))
 
     def detach(self) -> None:
         """Forward nothing more (protection ended; a new pair attaches its own)."""
@@ -142,3 +150,58 @@ class SecondaryDisks:
     def close(self) -> None:
         for pending in self.pending:
             pending.clear()
+
+
+class DiskViews:
+    """How this VMM sees each of its disks — one owner for it, whichever
+    pair the VMM is in: the real image (base) and, where there is one, the
+    FUSE overlay the guest sees it through.  A secondary's overlays buffer
+    the SVM's writes; after a takeover they pass writes through.  At a
+    switchover a primary becomes a secondary: a disk without an overlay
+    gets one (mounted while the guest runs, swapped in while it is held),
+    one that passes through buffers again."""
+
+    def __init__(self, bases: list[str], overlays: list = (), root: str | None = None):
+        self.bases = [os.path.abspath(b) for b in bases]
+        self.overlays = list(overlays) or [None] * len(self.bases)
+        self.root = root or DEFAULT_OVERLAY_ROOT
+        self._new: dict[int, object] = {}  # mounted for a switchover, not swapped in yet
+
+    def prepare_buffering(self) -> None:
+        """Mount an overlay for each disk that has none (the guest may run:
+        nothing of it is used until buffer())."""
+        from kvmcolo.disk_buffer import OverlayMount
+
+        try:
+            for i, (base, overlay) in enumerate(zip(self.bases, self.overlays)):
+                if overlay is None and i not in self._new:
+                    os.makedirs(self.root, mode=0o700, exist_ok=True)
+                    self._new[i] = OverlayMount(base, os.path.join(self.root, f"{os.getpid()}-switch-{i}"))
+        except BaseException:
+            self.unprepare()
+            raise
+
+    def unprepare(self) -> None:
+        """The switchover did not happen: what prepare_buffering() mounted goes."""
+        for mount in self._new.values():
+            mount.close()
+        self._new.clear()
+
+    def buffer(self, machine) -> None:
+        """Guest held: from now on the guest's writes stay in the overlays."""
+        fresh = set(self._new)  # (buffering from the start)
+        for i, mount in sorted(self._new.items()):
+            machine.swap_disk(i, mount.image_path)
+            self.overlays[i] = mount
+        self._new.clear()
+        for i, overlay in enumerate(self.overlays):
+            if overlay is not None and i not in fresh:
+                overlay.buffer()
+
+    def mounts(self) -> list:
+        return [o for o in self.overlays if o is not None]
+
+    def close(self) -> None:
+        self.unprepare()
+        for overlay in self.mounts():
+            overlay.close()

@@ -215,6 +215,7 @@ def check_config(channel: Channel, peer: str, config: bytes) -> Channel:
 # What a connection is for: the primary's mode must be the waiting side's.
 MODE_COLO = "colo"  # boot --primary / protect -> boot --secondary
 MODE_MIGRATE = "migrate"  # migrate -> boot --incoming
+MODE_SWITCHOVER = "switchover"  # a switchover's new pair, on the old pair's connection: no copy at all
 
 
 def config_message(machine, host_meta: dict, options: ColoOptions, mode: str = MODE_COLO) -> bytes:
@@ -237,6 +238,8 @@ def comparable_shape(shape: dict) -> dict:
 def config_mismatch(ours: dict, theirs: dict) -> str | None:
     """A human-readable difference between two config messages, or None."""
     mine, sent = ours.get("mode", MODE_COLO), theirs.get("mode", MODE_COLO)
+    if mine != sent and MODE_SWITCHOVER in (mine, sent):
+        return f"a switchover's new pair met a {sent if mine == MODE_SWITCHOVER else mine} connection"
     if mine != sent:
         return ("a migration (kvmcolo migrate) needs 'kvmcolo boot --incoming' on this host, not a COLO secondary"
                 if sent == MODE_MIGRATE else "this host waits for a migration (boot --incoming): use 'kvmcolo "

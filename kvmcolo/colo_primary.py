@@ -28,7 +28,7 @@ import threading
 import time
 
 from kvmcolo import colo_link, dirty_log, sections, testhooks, vmstate
-from kvmcolo.colo import Act, Msg, PrimaryCore, ProtocolError
+from kvmcolo.colo import Act, Msg, PrimaryCore, ProtocolError, PState
 from kvmcolo.colo_disk import PrimaryDisks
 from kvmcolo.colo_net import PrimaryNetwork, lan_ends
 from kvmcolo.colo_session import Checkpoint, ColoOptions, ColoStatus, Heartbeat, fence_peer, hang_up
@@ -84,6 +84,8 @@ class ColoPrimary:
         self._heartbeat: Heartbeat | None = None
         self._ram_buffer = bytearray()
         self._epoch = 0  # checkpoints captured so far (the initial copy counts): tags forwarded writes
+        self._switch_wanted = threading.Event()  # switch_over(): the checkpoint thread's next one is the last
+        self._switched = threading.Event()  # that last checkpoint is loaded: the link is the new pair's
 
     # ---- start-up -------------------------------------------------------------
 
@@ -100,7 +102,10 @@ class ColoPrimary:
         else:
             self.channel = colo_link.open_primary(sock, self.status.peer, self.key, config, handshake)
         self.disks = PrimaryDisks(m, self.channel, lambda: self._epoch, self._lose)
-        self.disks.sync()
+        if self.mode == colo_link.MODE_SWITCHOVER:
+            self.disks.attach()  # equal by construction: the last checkpoint's load made them so
+        else:
+            self.disks.sync()
 
     def protect(self, sock=None) -> None:
         """Make the running (or held, not yet started) guest's copy on the
@@ -111,7 +116,7 @@ class ColoPrimary:
         summary = self._live_copy(sock, self._start)  # the comparator takes the NICs before the guest runs on
         self.status.set(state="colo")
         self.status.protected_since(summary, time.perf_counter() - t_start)
-        self._send_history()
+        self.send_history()
         log.info("initial copy done: %d rounds, %.1f MiB, downtime %.1f ms (%s); COLO is running",
                  summary["round"], summary["sent_mib"], summary["downtime_ms"], summary["stop_reason"])  # fmt: skip
 
@@ -126,6 +131,17 @@ class ColoPrimary:
                  summary["stop_reason"])  # fmt: skip
         return summary
 
+    def take_over_pair(self, sock) -> None:
+        """A switchover's new primary (this side was the secondary, its guest
+        held since the last checkpoint, which the peer's guest also is): the
+        new pair on the old pair's connection, without any copy — the peer's
+        RAM is its RAM cache, the disks are equal.  Only the vCPU, VM and
+        device state (and any page touched since) travel, as the initial
+        state; then checkpoints go the other way round."""
+        self._live_copy(sock, self._start)
+        self.status.set(state="colo")
+        log.info("switchover: this side is the primary now; COLO runs towards %s", self.status.peer)
+
     def _live_copy(self, sock, then) -> dict:
         """Connect, pre-copy live, then the final part with the guest held:
         the last pages and the state, until the peer has loaded them, and
@@ -137,12 +153,15 @@ class ColoPrimary:
         with m.held("precopy"):  # logging starts (and the reader is armed) with the guest parked
             self.dirty = dirty_log.of(m).reader("colo")
         o = self.options
-        limits = Limits(o.max_downtime, o.max_rounds)
-        live = LiveCopy(m, self.channel, self.dirty, limits, o.max_bandwidth, lambda s: self.status.set(precopy=s))
+        live = None  # a switchover's peer holds every page already: no pre-copy
+        if self.mode != colo_link.MODE_SWITCHOVER:
+            live = LiveCopy(m, self.channel, self.dirty, Limits(o.max_downtime, o.max_rounds), o.max_bandwidth,
+                            lambda s: self.status.set(precopy=s))  # fmt: skip
         self.channel.timeout = max(self.channel.timeout, 60)
         self.channel.sock.settimeout(self.channel.timeout)
-        live.run()
-        self._send_history()  # the peer keeps it: it may be the one that survives (or runs on, migrated)
+        if live is not None:
+            live.run()
+        self.send_history()  # the peer keeps it: it may be the one that survives (or runs on, migrated)
         t_stop = time.perf_counter()
         with m.held("checkpoint"):
             cap = vmstate.capture(m, self.dirty, vmstate.KIND_INCREMENTAL, None, self.host)
@@ -154,11 +173,14 @@ class ColoPrimary:
             self.channel.sock.settimeout(o.heartbeat_timeout)
             self.channel.timeout = o.heartbeat_timeout
             then()
-        return live.finished(time.perf_counter() - t_stop)
+        stop_ms = (time.perf_counter() - t_stop) * 1e3
+        return live.finished(stop_ms / 1e3) if live is not None else {"stop_ms": round(stop_ms, 2)}
 
     def _copying_state(self) -> str:
         if self.mode == colo_link.MODE_MIGRATE:
             return "migrating"
+        if self.mode == colo_link.MODE_SWITCHOVER:
+            return "switching"
         history = self.status.history()
         return "reprotecting" if history["failovers"] or history["protections"] else "precopy"
 
@@ -171,7 +193,7 @@ class ColoPrimary:
             self.disks.detach()
         hang_up(None, self.channel)
 
-    def _send_history(self) -> None:
+    def send_history(self) -> None:
         try:
             self.channel.send(Msg.HISTORY, [json.dumps(self.status.history()).encode()])
         except ChannelError as e:
@@ -201,6 +223,41 @@ class ColoPrimary:
 
     def follows_peer(self) -> bool:
         return False  # the primary's guest is its own
+
+    def switch_over(self, timeout: float) -> bool:
+        """A switchover's first half (the guest already held for it): one
+        last checkpoint, after SWITCHOVER; then nothing more of this pair
+        goes on the link.  True once that checkpoint is loaded; False if the
+        secondary was lost first (the guest is this side's alone then, as
+        after any lost secondary)."""
+        self.status.set(state="switching")
+        self._switch_wanted.set()
+        self._trigger.set()
+        deadline = time.monotonic() + timeout
+        while not self._switched.wait(0.05):
+            if self._lost.is_set():
+                return False
+            if time.monotonic() > deadline:
+                self._lose(f"the switchover's last checkpoint did not finish in {timeout:.0f} s")
+                return False
+        return True
+
+    def hand_over_link(self):
+        """After switch_over(): this pair ends without a word (the peer's new
+        primary handshakes on the same connection).  The comparator stops,
+        the taps leave their bridges (the guest here is about to become the
+        secondary's), disk writes are no longer forwarded.  Returns the
+        connected socket."""
+        self._stopping.set()
+        if self.network is not None:
+            self.network.stop()
+        for tap, net in zip(self.machine.taps, self.machine.config.nets):
+            if net.bridge:
+                tap.leave_bridge()
+        if self.disks is not None:
+            self.disks.detach()
+        sock, self.channel = self.channel.sock, None
+        return sock
 
     def failover(self, reason: str = "requested") -> None:
         """Give up the secondary and go on alone (like x-colo-lost-heartbeat)."""
@@ -295,10 +352,13 @@ class ColoPrimary:
                 msg = Msg(mtype)
                 with self._core_lock:
                     actions = self.core.on_message(msg)
+                    switched = self.core.state is PState.SWITCHED
                 for act in actions:
                     if act in _ON_RECEIVER:
                         self._do(act)
                 self._inbox.put((msg, [a for a in actions if a not in _ON_RECEIVER]))
+                if switched:
+                    return  # the rest of the connection is the new pair's: not a byte more is read here
         except ChannelError as e:
             if not self._stopping.is_set():
                 self._lose(str(e))
@@ -306,22 +366,23 @@ class ColoPrimary:
             self._lose(f"protocol error: {e}")
 
     def _loop(self) -> None:
-        while not self._lost.is_set() and not self._stopping.is_set():
+        while not self._lost.is_set() and not self._stopping.is_set() and not self._switched.is_set():
             triggered = self._trigger.wait(self.options.checkpoint_delay)
             self._trigger.clear()
             reason = self._reason if triggered else "timer"
             self._reason = "timer"
             if self._lost.is_set() or self._stopping.is_set() or self.machine.vm.exit is not None:
                 return
+            last = self._switch_wanted.is_set()
             try:
-                self._take_checkpoint(reason)
+                self._take_checkpoint("switchover" if last else reason, last)
             except SecondaryLost:
                 return
             except ProtocolError as e:
                 self._lose(f"protocol error: {e}")
                 return
 
-    def _take_checkpoint(self, reason: str) -> None:
+    def _take_checkpoint(self, reason: str, last: bool = False) -> None:
         testhooks.hit("colo-checkpoints")
         self._seq += 1
         self._checkpoint = Checkpoint(self._seq, reason)
@@ -332,7 +393,7 @@ class ColoPrimary:
         timeout = self.options.heartbeat_timeout * 3
         try:
             with self._core_lock:
-                actions = self.core.start_checkpoint()
+                actions = self.core.switch() if last else self.core.start_checkpoint()
             for act in actions:
                 self._do(act)
             # REPLY -> pause, capture, (resume), send; RECEIVED; LOADED -> (resume), done
@@ -396,6 +457,12 @@ class ColoPrimary:
             elif act is Act.CHECKPOINT_DONE:
                 self.status.record(cp.record("primary"))
                 self.status.set(phase="idle")
+            elif act is Act.STOP_HEARTBEAT:
+                self._heartbeat.stop_and_wait()
+            elif act is Act.SEND_SWITCHOVER:
+                ch.send(Msg.SWITCHOVER)
+            elif act is Act.SWITCH_ROLES:
+                self._switched.set()
             else:
                 raise ProtocolError(f"the primary driver has no action {act}")
         except ChannelError as e:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 
 from kvmcolo import colo_link, dirty_log, jsonsafe, sections, testhooks, vmstate
 from kvmcolo.colo import Act, Failover, FState, Msg, ProtocolError, SecondaryCore, SState
@@ -41,32 +42,45 @@ log = logging.getLogger("kvmcolo.colo")
 
 class ColoSecondary:
     def __init__(self, machine, listen: tuple[str, int], key: bytes, options: ColoOptions,
-                 disk_bases: list[str] = (), overlays: list = (), incoming: bool = False):  # fmt: skip
+                 disk_bases: list[str] = (), overlays: list = (), incoming: bool = False,
+                 switchover: bool = False, status: ColoStatus | None = None,
+                 cache: RamCache | None = None):  # fmt: skip
         """`disk_bases`: the real images; `overlays`: the OverlayMount each one
         is seen through by the SVM (same order as the machine's disks);
         `incoming`: a live migration's destination (`boot --incoming`),
-        which runs the guest itself as soon as the copy is loaded."""
+        which runs the guest itself as soon as the copy is loaded;
+        `switchover`: a switchover's new secondary (this side's guest, held,
+        was the primary's: its RAM is the `cache`, nothing is copied), with
+        the old primary's `status` (its history goes on)."""
         self.machine = machine
         self.incoming = incoming
+        self.switchover = switchover
+        # Called (on the receive thread) once a switchover's last checkpoint
+        # is loaded: the owner makes this side the primary of the new pair.
+        self.on_switchover = None
         self.disks = SecondaryDisks(disk_bases, overlays)
         self.listen_addr = listen
         self.key = key
         self.options = options
-        self.status = ColoStatus("secondary")
+        self.status = status or ColoStatus("secondary")
+        self.status.new_pair()
+        self.status.set(role="secondary")
         self.core = SecondaryCore()
         self.failover_state = Failover()
         self.channel: Channel | None = None
-        self.cache = RamCache(machine.config.mem_size)
+        self.cache = cache or RamCache(machine.config.mem_size)
         self.dirty: DirtyReader | None = None  # the SVM's own writes, through the machine's one dirty log
         self.host = vmstate.HostCaps.of(machine)
         self._heartbeat: Heartbeat | None = None
         self._checkpoint: Checkpoint | None = None  # the one being received or loaded
         self._seq = 0
+        self._after_load: list[Act] = []
         self._ended = threading.Event()
         self._receive_ended = threading.Event()
         self._lock = threading.Lock()  # the core's state as failover sees it, and the SVM hold
         self._holding = False  # the SVM is held for a checkpoint (under _lock)
-        self.goodbye: dict | None = None
+        self._switch_held_at: float | None = None  # perf_counter() when a switchover's hold began (under _lock)
+        self.last_words: dict | None = None  # the primary's GOODBYE
         self.network: SecondaryNetwork | None = None
         self._server: socket.socket | None = None
         if listen is None:
@@ -85,19 +99,23 @@ class ColoSecondary:
         """Accept primaries until one authenticates and brings a matching VM;
         sync the disks and load its initial copy.  `sock`: a connected socket
         to the primary instead (test harness)."""
-        mode = colo_link.MODE_MIGRATE if self.incoming else colo_link.MODE_COLO
+        mode = (colo_link.MODE_MIGRATE if self.incoming else colo_link.MODE_SWITCHOVER if self.switchover
+                else colo_link.MODE_COLO)  # fmt: skip
         config = colo_link.config_message(self.machine, self.host.as_meta(), self.options, mode)
         if sock is None:
             log.info("secondary: waiting for the primary on %s:%d", *self.listen_addr)
             ch, peer = colo_link.accept(self._server, self.key, config)
         else:
-            peer = "socketpair"
+            peer = _peer_name(sock)
             ch = colo_link.open_secondary(sock, peer, self.key, config)
         self.channel = ch
         self.status.set(peer=peer)
         ch.timeout = 120
         ch.sock.settimeout(120)
-        ch.send(Msg.DISK_HASHES, [self.disks.hashes_message()])
+        if self.switchover:
+            self._setup_network()  # first: a failover from here on must find the taps' way back to the LAN
+        else:
+            ch.send(Msg.DISK_HASHES, [self.disks.hashes_message()])
         precopied = 0
         while True:  # the disk sync and the live pre-copy (interleaved), then the final state
             mtype, payload = ch.recv()
@@ -123,7 +141,8 @@ class ColoSecondary:
         self.dirty.collect()  # arm: from here on, the SVM's own writes are tracked
         ch.timeout = self.options.heartbeat_timeout
         ch.sock.settimeout(self.options.heartbeat_timeout)
-        self._setup_network()
+        if self.network is None:
+            self._setup_network()
         ch.send(Msg.VMSTATE_LOADED)
         if self.incoming:
             log.info("migration from %s loaded (%d pages pre-copied, %d with the final state)", peer, precopied,
@@ -152,7 +171,7 @@ class ColoSecondary:
             return
         nets = self.machine.config.nets
         self.network = SecondaryNetwork(devices, self.machine.taps, [n.bridge for n in nets],
-                                        [parse_mac(n.mac) for n in nets], self.channel.send,
+                                        [parse_mac(n.mac) for n in nets], lambda *a: self.channel.send(*a),
                                         lambda: self.disks.loads, lambda: self.machine.paused,
                                         self._internal_error)  # fmt: skip
         self.status.net_stats = self.network.stats
@@ -207,7 +226,7 @@ class ColoSecondary:
                 testhooks.hit("colo-secondary")
                 msg = Msg(mtype)
                 if msg is Msg.GOODBYE:
-                    self.goodbye = jsonsafe.loads(bytes(payload))
+                    self.last_words = jsonsafe.loads(bytes(payload))
                     self._end_with_primary()
                     return
                 if msg is Msg.DISK_WRITE:
@@ -275,13 +294,29 @@ class ColoSecondary:
                 ch.send(Msg.VMSTATE_LOADED)
             finally:
                 with self._lock:
-                    self.core.loaded()
+                    self._after_load = self.core.loaded()
                 self.status.set(phase="idle")
                 if self.failover_state.load_finished():
                     self._complete_failover()
         elif act is Act.CHECKPOINT_DONE:
             self.status.record(cp.record("secondary"))
             self._checkpoint = None
+            for later in self._after_load:  # (the core's actions at LOADED: a switchover's SWITCH_ROLES)
+                self._do(later, payload)
+            self._after_load = []
+        elif act is Act.HOLD_FOR_SWITCH:
+            if self.on_switchover is None:
+                raise ProtocolError("SWITCHOVER at a secondary that cannot become a primary here")
+            with self._lock:
+                self.machine.hold("switchover")
+                self._switch_held_at = time.perf_counter()
+            self.status.set(state="switching")
+            log.info("switchover: the primary's last checkpoint comes next; then this side is the primary")
+        elif act is Act.STOP_HEARTBEAT:
+            self._heartbeat.stop_and_wait()
+        elif act is Act.SWITCH_ROLES:
+            self._ended.set()  # this receive loop reads no more: the rest of the link is the new pair's
+            self.on_switchover(self)
         else:
             raise ProtocolError(f"the secondary driver has no action {act}")
 
@@ -340,9 +375,42 @@ class ColoSecondary:
         # consistent (nothing of the checkpoint was applied), so it just goes on
         # (unless the primary's operator had it stopped: then it stays so).
         self._release_svm()
+        self.release_switch_hold()  # a switchover cut short by the lost primary: the guest is this side's
         self.failover_state.complete()
         self.status.set(state="active", phase="idle")
         self.status.failover("primary lost; the secondary took over", self.failover_state.reason)
+
+    def release_switch_hold(self) -> float | None:
+        """Give back a switchover's hold on the guest (idempotent); returns
+        how long it was held, in ms, or None if it was not."""
+        with self._lock:
+            held_at, self._switch_held_at = self._switch_held_at, None
+            if held_at is None:
+                return None
+            self.machine.release("switchover")
+        return (time.perf_counter() - held_at) * 1e3
+
+    def hand_over_link(self):
+        """A switchover's last checkpoint is loaded (its guest still held):
+        this side's guest is the pair's from now on — the disks' overlays
+        (emptied by that load) pass writes through, the taps join their
+        bridges and the guest is announced, as at a takeover but with no
+        lost peer (no fencing: the old primary becomes this side's
+        secondary).  Returns the connected socket, for the new pair."""
+        with self._lock:
+            self.failover_state.require("switchover")
+        self.failover_state.activate()
+        self._ended.set()
+        self.disks.take_over()
+        if self.network is not None:
+            self.network.take_over()
+        self.failover_state.complete()
+        if self._server is not None:
+            self._server.close()  # a primary now: nobody connects here
+            self._server = None
+        sock, self.channel = self.channel.sock, None
+        self.cache.close()  # (nothing reads it: the receive loop has ended)
+        return sock
 
     def run_incoming(self) -> None:
         """A migration's destination, its copy loaded: the guest is this
@@ -376,7 +444,7 @@ class ColoSecondary:
             while True:
                 mtype, payload = ch.recv()
                 if mtype == Msg.GOODBYE:
-                    self.goodbye = jsonsafe.loads(bytes(payload))
+                    self.last_words = jsonsafe.loads(bytes(payload))
                     return True
         except (ChannelError, OSError, ValueError):
             return False
@@ -384,8 +452,8 @@ class ColoSecondary:
     def _end_with_primary(self) -> None:
         self._ended.set()
         hang_up(self._heartbeat, self.channel)
-        status = int(self.goodbye.get("status", 0))
-        self.machine.vm.request_exit(status, f"the primary ended: {self.goodbye.get('reason', '')}")
+        status = int(self.last_words.get("status", 0))
+        self.machine.vm.request_exit(status, f"the primary ended: {self.last_words.get('reason', '')}")
 
     def retire(self) -> None:
         """This survivor becomes the primary of a new pair: the old link's
@@ -406,3 +474,12 @@ class ColoSecondary:
             self._server.close()
         self.cache.close()
         self.disks.close()
+
+
+def _peer_name(sock: socket.socket) -> str:
+    """HOST:PORT of a connected TCP socket (a switchover's), else "socketpair"
+    (the in-process harness)."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return "socketpair"
+    host, port = sock.getpeername()[:2]
+    return f"{host}:{port}"

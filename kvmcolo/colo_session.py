@@ -33,6 +33,7 @@ HISTORY_KEPT = 100  # failovers and protections a status remembers
 #   colo          protected: checkpoints happen (the only state that claims protection)
 #   alone         a primary whose secondary is gone; active: a secondary that took over (or a migration's
 #                 destination); migrated: a source whose guest runs elsewhere now
+#   switching     a switchover: the last checkpoint this way round, then the new pair on the same link
 #   fencing / fenced-out / failed   see the failover rules
 COPYING_STATES = ("connecting", "precopy", "reprotecting", "migrating")
 
@@ -118,6 +119,7 @@ class ColoStatus:
         self.protections: list[dict] = []  # each time protection began: when, to whom, what it cost
         self.last_error: str | None = None  # why the last attempt to protect failed
         self.migrations: list[dict] = []  # live migrations that brought the guest here
+        self.switchovers: list[dict] = []  # planned role swaps: when, which way, how long the guest stopped
         self._lock = threading.Lock()
 
     def set(self, **fields) -> None:
@@ -171,7 +173,7 @@ class ColoStatus:
     def history(self) -> dict:
         with self._lock:
             return {"failovers": list(self.failovers), "protections": list(self.protections),
-                    "migrations": list(self.migrations)}
+                    "migrations": list(self.migrations), "switchovers": list(self.switchovers)}
 
     def adopt_history(self, history) -> None:
         """The primary's history (a secondary keeps it, so a survivor's status
@@ -181,17 +183,24 @@ class ColoStatus:
                 for k in ("failovers", "protections")):  # fmt: skip
             log.warning("the primary sent a malformed history (ignored)")
             return
-        migrations = history.get("migrations", [])
         with self._lock:
             self.failovers = history["failovers"][-HISTORY_KEPT:]
             self.protections = history["protections"][-HISTORY_KEPT:]
-            if isinstance(migrations, list) and all(isinstance(e, dict) for e in migrations):
-                self.migrations = migrations[-HISTORY_KEPT:]
+            for name in ("migrations", "switchovers"):  # (absent from an older primary's history)
+                entries = history.get(name, [])
+                if isinstance(entries, list) and all(isinstance(e, dict) for e in entries):
+                    setattr(self, name, entries[-HISTORY_KEPT:])
 
     def migrated_in(self, source: str | None) -> None:
         with self._lock:
             self.migrations.append({"from": source, "time": time.time()})
         log.info("migration from %s complete: the guest runs here", source)
+
+    def switched_over(self, old_primary: str | None, pause_ms: float) -> None:
+        """This side is the primary now, by a switchover (one history entry)."""
+        with self._lock:
+            self.switchovers.append({"from": old_primary, "time": time.time(), "pause_ms": round(pause_ms, 1)})
+        log.info("switchover complete: this side is the primary; the guest stopped for %.1f ms", pause_ms)
 
     def failover(self, kind: str, reason: str) -> None:
         with self._lock:
@@ -217,6 +226,7 @@ class ColoStatus:
                 "last_error": self.last_error,
                 "protections": list(self.protections),
                 "migrations": list(self.migrations),
+                "switchovers": list(self.switchovers),
             }
 
 
@@ -237,6 +247,11 @@ class Heartbeat:
 
     def stop(self) -> None:
         self._periodic.stop()
+
+    def stop_and_wait(self) -> None:
+        """No heartbeat is sent after this returns (a switchover's channel
+        must carry nothing after its last checkpoint)."""
+        self._periodic.stop_and_wait()
 
     def _beat(self) -> None:
         testhooks.hit("heartbeat")

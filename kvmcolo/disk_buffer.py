@@ -28,6 +28,7 @@ never answer a read from its page cache or keep a stale size.
 
 from __future__ import annotations
 
+import concurrent.futures
 import ctypes
 import ctypes.util
 import errno
@@ -228,6 +229,12 @@ class OverlayCore:
         self.drop()
         self.passthrough = True
 
+    def buffer(self) -> None:
+        """Keep writes in the overlay again (a side that runs through its
+        overlay becomes a secondary once more, at a switchover)."""
+        self.drop()
+        self.passthrough = False
+
 
 # ---------------------------------------------------------------- the daemon
 
@@ -327,6 +334,11 @@ def _make_operations_class():
                 os.ftruncate(self._scratch_fd, 0)
                 self._counters["commits"] += 1
             return {"copied": copied}
+
+        def buffer(self) -> dict:
+            with self._mutex:
+                self._core.buffer()
+            return {}
 
         def stats(self) -> dict:
             with self._mutex:
@@ -454,7 +466,7 @@ def _control_loop(fs, sock: socket.socket) -> None:
             try:
                 request = json.loads(line)
                 op = request["op"]
-                if op not in ("drop", "commit", "stats"):
+                if op not in ("drop", "commit", "buffer", "stats"):
                     raise ValueError(f"unknown request {op!r}")
                 reply = {"return": getattr(fs, op)()}
             except Exception as e:  # noqa: BLE001 -- the VMM gets the error, the daemon goes on
@@ -556,6 +568,9 @@ def _check_environment(base_path: str) -> int:
     return size
 
 
+_SPAWNER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="overlay-spawner")
+
+
 class OverlayError(Exception):
     """The overlay daemon failed or did not answer (not the user's doing)."""
 
@@ -606,8 +621,12 @@ class OverlayMount:
         try:
             # Own session: a Ctrl-C at the terminal goes to the VMM, which
             # closes us in order after the guest's disk is closed.
-            self._proc = subprocess.Popen(argv, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
-                                          stdout=subprocess.DEVNULL, stderr=self._stderr, start_new_session=True)  # fmt: skip
+            # Started from one thread that lives as long as the VMM: the
+            # daemon's death signal follows the thread that started it, and a
+            # switchover mounts from a thread that ends soon after.
+            self._proc = _SPAWNER.submit(subprocess.Popen, argv, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.DEVNULL, stderr=self._stderr,
+                                         start_new_session=True).result()  # fmt: skip
         finally:
             theirs.close()
         deadline = time.monotonic() + READY_TIMEOUT
@@ -684,6 +703,11 @@ class OverlayMount:
         """Failover: the overlay goes into the base (fsynced), later writes go
         straight to the base."""
         self._call("commit", COMMIT_TIMEOUT)
+
+    def buffer(self) -> None:
+        """After a commit: buffer the guest's writes in the overlay again (the
+        VMM becomes a secondary again, at a switchover)."""
+        self._call("buffer")
 
     def stats(self) -> dict:
         return dict(self._call("stats"), mount_dir=self.mount_dir, daemon_pid=self._proc.pid)

@@ -215,6 +215,23 @@ class Machine:
         """The virtio-blk devices, in --disk order."""
         return [t.device for t in self.virtio if isinstance(t.device, VirtioBlock)]
 
+    def swap_disk(self, index: int, path: str) -> None:
+        """Disk `index` from now on reads and writes `path`, a view of the same
+        bytes (the overlay a primary that becomes a secondary sees its image
+        through).  Only with the guest held: the I/O thread is parked between
+        requests, so no request straddles the two files."""
+        if not self.paused:
+            raise RuntimeError("swap_disk() of a running guest")
+        old = self.disk_images[index]
+        new = BlockImage(path, old.readonly)
+        if new.size != old.size:
+            new.close()
+            raise UserError(f"{path!r} is {new.size} bytes, the disk it stands for {old.size}")
+        self.block_devices()[index].image = new
+        self.disk_images[index] = new
+        self._closables[self._closables.index(old)] = new
+        old.close()
+
     def save_devices(self) -> dict:
         return {"serial": self.serial.save_state(), "rtc": self.rtc.save_state(),
                 "virtio": [t.save_state() for t in self.virtio]}  # fmt: skip

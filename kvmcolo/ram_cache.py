@@ -24,6 +24,27 @@ class RamCache:
         """The end of the initial copy (after any pre-copied pages)."""
         vmstate.apply_ram(self.memory, snap)
 
+    def copy_from(self, memory: GuestMemory) -> None:
+        """The whole of `memory` (this host's own guest) into the cache: at a
+        switchover the old primary's RAM becomes the new secondary's cache,
+        and nothing of it needs to travel.  Done while the guest runs (a
+        fresh guest-sized mapping faults in page by page: 175-195 ms for
+        256 MiB under nested PVM), then refresh() with what it dirtied
+        meanwhile, while it is held."""
+        for src in memory.regions:
+            dst = self._regions.get(src.slot)
+            if dst is None or dst.size != src.size:
+                raise vmstate.IncompatibleState(f"memory slot {src.slot} does not match the cache")
+            dst.view[:] = src.view  # one memcpy per region
+
+    def refresh(self, dirty: list[RegionDirty]) -> int:
+        """The pages of this host's guest dirtied since copy_from() (from a
+        dirty-log reader armed before it) into the cache; returns how many."""
+        copied = 0
+        for d in dirty:
+            copied += merge_and_copy(d, d.pages, 0, self._regions[d.region.slot], d.region.host_addr)
+        return copied
+
     def adopt_precopy(self, parts: list[vmstate.RamPart]) -> None:
         """Pages the primary sent while its guest ran (a later copy of any
         page that changed since overwrites them)."""

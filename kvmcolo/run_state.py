@@ -28,7 +28,8 @@ from collections import Counter
 from typing import Callable
 
 OPERATOR = "operator"
-REASONS = frozenset({OPERATOR, "checkpoint", "snapshot", "failover", "load", "start", "throttle", "precopy", "migrated"})
+REASONS = frozenset({OPERATOR, "checkpoint", "snapshot", "failover", "load", "start", "throttle", "precopy", "migrated",
+                       "switchover"})
 
 
 class RunState:

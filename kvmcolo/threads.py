@@ -39,12 +39,20 @@ class Periodic:
         self._fn = fn
         self._on_error = on_error
         self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        guarded(self.name, self._run, self._on_error)
+        self._thread = guarded(self.name, self._run, self._on_error)
 
     def stop(self) -> None:
         self._stop.set()
+
+    def stop_and_wait(self, timeout: float = 5.0) -> None:
+        """Stop, and return only once a call under way has finished (never
+        from `fn` itself): after it, `fn` has done its last thing."""
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval):

@@ -9,7 +9,8 @@ import os
 import threading
 import time
 
-from kvmcolo import vmstate, wire
+from kvmcolo import switchover, vmstate, wire
+from kvmcolo.colo_disk import DiskViews
 from kvmcolo.colo_session import ColoOptions
 from kvmcolo.control import CommandError, ControlServer, QuitAfterReply
 from kvmcolo.errors import UserError
@@ -29,11 +30,17 @@ MIGRATED_LINGER_S = 1.0  # a migrated source answers 'migrated' this long before
 
 
 class Vmm:
-    def __init__(self, machine, control_path: str, colo=None, standby: list[tuple[str, int]] = ()):
+    def __init__(self, machine, control_path: str, colo=None, standby: list[tuple[str, int]] = (),
+                 disks: DiskViews | None = None):  # fmt: skip
         """`standby`: hosts (secondaries waiting there) to protect the guest
-        with again, tried in turn with backoff, whenever it runs alone."""
+        with again, tried in turn with backoff, whenever it runs alone;
+        `disks`: how the guest sees its disks (the caller closes it after the
+        machine); by default its images, directly."""
         self.machine = machine
-        self.colo = colo  # a ColoPrimary or ColoSecondary, or None
+        self.disks = disks or DiskViews([image.path for image in machine.disk_images])
+        self.colo = None  # a ColoPrimary or ColoSecondary, or None
+        if colo is not None:
+            self._adopt(colo)
         self.standby = list(standby)
         self._standby_tries = 0  # since the guest was last protected
         self._standby_next = 0.0
@@ -57,6 +64,7 @@ class Vmm:
                 "serial-input": self.serial_input,
                 "protect": self.protect,
                 "migrate": self.migrate,
+                "switchover": self.switchover,
             },
         )
 
@@ -132,6 +140,35 @@ class Vmm:
         self._require_alone("migration is refused while COLO is {}: a protected guest fails over instead; "
                             "migrate a guest that runs alone")  # fmt: skip
         return self._start_protect(*_protect_arguments(peer, key_file, options), migrate=True)
+
+    def switchover(self) -> dict:
+        """Swap the pair's roles, planned (`kvmcolo switchover`, asked of the
+        primary): one last checkpoint, then the secondary is the primary and
+        this side its secondary, with nothing copied.  Returns at once; the
+        outcome shows in query-colo (role, state, switchovers, last_error)."""
+        self._require_running_vm()
+        colo = self.colo
+        if colo is None or not hasattr(colo, "switch_over"):
+            raise CommandError("switchover is asked of the COLO primary" + ("" if colo is None else
+                               ": this side is the secondary"))  # fmt: skip
+        with self._protect_lock:
+            if colo.status.state != "colo":
+                raise CommandError(f"switchover needs a protected pair; COLO is {colo.status.state}")
+            colo.status.set(state="switching", last_error=None)
+        guarded("switchover", lambda: switchover.old_primary(self.machine, colo, self.disks, self._adopt),
+                colo._internal_error)  # fmt: skip
+        return colo.status.as_dict()
+
+    def _adopt(self, colo) -> None:
+        """`colo` drives this VMM's side of the pair from now on.  A secondary
+        learns how to become the primary when a switchover reaches it."""
+        self.colo = colo
+        if hasattr(colo, "on_switchover"):
+            colo.on_switchover = self._switched_to_primary
+
+    def _switched_to_primary(self, secondary) -> None:
+        guarded("switchover", lambda: switchover.old_secondary(self.machine, secondary, self._adopt),
+                secondary._internal_error)  # fmt: skip
 
     def _migrate(self, colo) -> None:
         try:
@@ -315,7 +352,7 @@ class Vmm:
             self.colo.wait_for_primary()
             self.colo.run_incoming()
             self.machine.start()
-            return self.machine.wait()
+            return self._wait_and_say_goodbye()  # (protected later, it is a primary)
 
     def run_colo_secondary(self) -> VmExit:
         """Wait for the primary, adopt its initial copy, run the SVM under checkpoints."""
@@ -323,7 +360,7 @@ class Vmm:
             self.colo.wait_for_primary()
             self.machine.start()
             self.colo.start()
-            return self.machine.wait()
+            return self._wait_and_say_goodbye()  # (after a switchover, it is the primary)
 
 
 def _protect_arguments(peer, key_file, options) -> tuple[tuple[str, int], bytes, ColoOptions]:

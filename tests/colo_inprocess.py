@@ -66,7 +66,7 @@ class InProcessPair:
                 pass
 
     def close(self) -> None:
-        for colo in (self.primary, self.secondary):
+        for colo in (self.vmm_a.colo, self.vmm_b.colo):  # (after a switchover, not the ones made here)
             colo.close()
         for m in (self.pm, self.sm):
             m.vm.request_exit(0, "test over")

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from kvmcolo.colo import Act, Failover, FState, Msg, PrimaryCore, ProtocolError, SecondaryCore, SState
+from kvmcolo.colo import Act, Failover, FState, Msg, PrimaryCore, ProtocolError, PState, SecondaryCore, SState
 from kvmcolo.errors import UserError
 from kvmcolo.wire import AuthenticationError, PeerLost, client_handshake, load_key, server_handshake
 
@@ -158,3 +158,56 @@ def test_key_file_checks(tmp_path):
     short.write_bytes(b"abc")
     with pytest.raises(UserError, match="at least 16"):
         load_key(str(short))
+
+
+def _secondary_checkpoint(s: SecondaryCore, size: int = 10) -> list[Act]:
+    assert s.on_message(Msg.CHECKPOINT_REQUEST) == [Act.PAUSE_VM, Act.SEND_REPLY]
+    s.on_message(Msg.VMSTATE_SEND)
+    s.on_message(Msg.VMSTATE_SIZE, size)
+    s.on_message(Msg.VMSTATE_DATA, size)
+    return s.loaded()
+
+
+@pytest.mark.parametrize("resume_early", [True, False])
+def test_primary_switchover_is_one_last_checkpoint_then_nothing(resume_early):
+    p = PrimaryCore(resume_early)
+    assert p.switch() == [Act.STOP_HEARTBEAT, Act.SEND_SWITCHOVER, Act.SEND_REQUEST]
+    p.on_message(Msg.CHECKPOINT_REPLY)
+    p.on_message(Msg.VMSTATE_RECEIVED)
+    acts = p.on_message(Msg.VMSTATE_LOADED)
+    assert acts[-2:] == [Act.CHECKPOINT_DONE, Act.SWITCH_ROLES]
+    assert (Act.RESUME_VM in acts) is (not resume_early)
+    assert p.state is PState.SWITCHED
+    for event in (Msg.CHECKPOINT_REPLY, Msg.VMSTATE_LOADED):  # the link is the new pair's: nothing fits
+        with pytest.raises(ProtocolError):
+            p.on_message(event)
+    with pytest.raises(ProtocolError):
+        p.start_checkpoint()
+    assert p.on_message(Msg.HEARTBEAT) == []
+
+
+def test_primary_switchover_only_between_checkpoints():
+    p = PrimaryCore()
+    p.start_checkpoint()
+    with pytest.raises(ProtocolError):
+        p.switch()
+
+
+def test_secondary_switchover_holds_then_ends_after_the_next_checkpoint():
+    s = SecondaryCore()
+    assert _secondary_checkpoint(s) == []  # an ordinary one
+    assert s.on_message(Msg.SWITCHOVER) == [Act.HOLD_FOR_SWITCH, Act.STOP_HEARTBEAT]
+    assert s.state is SState.RUNNING
+    with pytest.raises(ProtocolError):
+        s.on_message(Msg.SWITCHOVER)  # once
+    assert _secondary_checkpoint(s) == [Act.SWITCH_ROLES]
+    assert s.state is SState.SWITCHED
+    with pytest.raises(ProtocolError):
+        s.on_message(Msg.CHECKPOINT_REQUEST)
+
+
+def test_secondary_switchover_mid_checkpoint_is_a_protocol_error():
+    s = SecondaryCore()
+    s.on_message(Msg.CHECKPOINT_REQUEST)
+    with pytest.raises(ProtocolError):
+        s.on_message(Msg.SWITCHOVER)

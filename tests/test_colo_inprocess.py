@@ -83,3 +83,52 @@ def test_injected_fault_in_the_checkpoint_thread_ends_protection(pair, monkeypat
     assert wait_until(lambda: pair.sm.vm.exit, "the secondary ending").status == 4
     mark = dirty_pass(pair.console_a)
     wait_until(lambda: dirty_pass(pair.console_a) > mark, "the primary runs on alone")
+
+
+def _same_hashes(primary_status, secondary_status, at_least: int = 2) -> None:
+    wait_until(lambda: len(set(primary_status.hashes) & set(secondary_status.hashes)) >= at_least,
+               f"{at_least} verified checkpoints on both sides")  # fmt: skip
+    p, s = primary_status.hashes, secondary_status.hashes
+    for seq in set(p) & set(s):
+        differing = sorted(k for k in p[seq] if p[seq][k] != s[seq].get(k))
+        assert not differing, f"checkpoint {seq}: the secondary differs in {differing}"
+
+
+def _switch(old_primary_vmm, old_secondary_vmm) -> None:
+    old = old_primary_vmm.colo
+    old_primary_vmm.switchover()
+    wait_until(lambda: old_primary_vmm.colo is not old and old_primary_vmm.colo.status.state == "colo"
+               and old_secondary_vmm.colo.status.state == "colo", "the roles swapped")  # fmt: skip
+    assert old_primary_vmm.colo.status.role == "secondary" and old_secondary_vmm.colo.status.role == "primary"
+
+
+def test_switchover_swaps_roles_without_a_copy_and_back(pair):
+    """The roles swap on the same link; checkpoints then go the other way,
+    with verified-equal state; the guest never goes back (its own progress
+    counter only grows); and back again."""
+    pair.wait_checkpoints(4)
+    _same_hashes(pair.primary.status, pair.secondary.status)
+    for a, b, console in ((pair.vmm_a, pair.vmm_b, pair.console_b), (pair.vmm_b, pair.vmm_a, pair.console_a)):
+        mark = dirty_pass(console)
+        _switch(a, b)
+        primary, secondary = b.colo, a.colo
+        wait_until(lambda: primary.status.checkpoints >= 4, "checkpoints from the new primary")
+        _same_hashes(primary.status, secondary.status)
+        wait_until(lambda: dirty_pass(console) > mark, "the guest runs on at the new primary")
+        assert not primary.status.internal_errors and not secondary.status.internal_errors
+        assert [len(primary.status.switchovers)] == [len(secondary.status.switchovers)]
+        assert "switchover" not in {**primary.machine.run_state.holds(), **secondary.machine.run_state.holds()}
+    assert len(pair.vmm_a.colo.status.switchovers) == 2  # the history travels with the pair
+    assert "FAIL" not in pair.console_a.text + pair.console_b.text
+
+
+def test_switchover_is_refused_where_it_cannot_happen(pair):
+    from kvmcolo.control import CommandError
+
+    pair.wait_checkpoints(2)
+    with pytest.raises(CommandError, match="this side is the secondary"):
+        pair.vmm_b.switchover()
+    pair.cut()
+    wait_until(lambda: pair.primary.status.state == "alone", "the primary alone")
+    with pytest.raises(CommandError, match="needs a protected pair; COLO is alone"):
+        pair.vmm_a.switchover()

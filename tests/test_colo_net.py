@@ -213,26 +213,89 @@ def test_disk_and_nic_together_every_reply_is_on_the_survivors_disk(pair_factory
     COLO with a disk and a NIC, the primary is killed mid-session: the client
     sees no gap, and every value it was told is on the survivor's disk."""
     require_device("/dev/fuse", "FUSE")
-    images = {}
-    for side in "ab":
-        images[side] = tmp_path / f"{side}.img"
-        images[side].write_bytes(bytes(LOG_SECTORS * 512))
+    images = log_disks(tmp_path)
     early = [] if resume_early else ["--no-resume-early"]
     pair = pair_factory(guest_args=["log=1"], primary=["--disk", str(images["a"]), *early],
                         secondary=["--disk", str(images["b"]), "--overlay-dir", str(tmp_path / "ovl")])  # fmt: skip
     info = run_through_failover(pair, lambda: pair.kill("a"), "b")
     assert info["state"] == "active"
-    values = info["values"]
     control.call(pair.sock("b"), "quit")
     assert pair.b.proc.wait(20) == 0
-    disk = images["b"].read_bytes()
+    assert_on_disk(images["b"], info["values"])
+    assert not any("FAIL" in line for line in pair.b.lines)
+
+
+def log_disks(tmp_path) -> dict:
+    images = {}
+    for side in "ab":
+        images[side] = tmp_path / f"{side}.img"
+        images[side].write_bytes(bytes(LOG_SECTORS * 512))
+    return images
+
+
+def assert_on_disk(image, values) -> None:
+    """Every counter value the client was told is journaled on `image`."""
+    disk = image.read_bytes()
     for v in values[-LOG_SECTORS:]:
         sector = disk[(v % LOG_SECTORS) * 512 :][:512]
         m = re.match(rb"netsrv counter=(\d+)\n", sector)
         assert m, f"value {v}: sector {v % LOG_SECTORS} holds {sector[:32]!r}"
         held = int(m.group(1))
         assert held >= v and held % LOG_SECTORS == v % LOG_SECTORS, (v, held)
-    assert not any("FAIL" in line for line in pair.b.lines)
+
+
+def test_switchover_and_back_under_a_client_with_a_disk(pair_factory, tmp_path):
+    """Planned role swaps under a client on one TCP connection, netsrv
+    journaling every value to its disk before replying: `kvmcolo
+    switchover` on A makes B the primary and A its secondary with nothing
+    copied, checkpoints then go B -> A with state verified equal (RAM,
+    devices, disks); then back.  Then the primary dies: no gap, no
+    duplicate, no reset, and every value the client saw is on the
+    survivor's disk."""
+    require_device("/dev/fuse", "FUSE")
+    images = log_disks(tmp_path)
+    verify = ["--verify-every", "2"]
+    pair = pair_factory(guest_args=["log=1"], primary=["--disk", str(images["a"]), *verify,
+                                                       "--overlay-dir", str(tmp_path / "ovl-a")],
+                        secondary=["--disk", str(images["b"]), *verify, "--overlay-dir", str(tmp_path / "ovl-b")])  # fmt: skip
+
+    def logs() -> str:
+        return "\n".join(f"[{side}] {line}" for side, p in (("A", pair.a), ("B", pair.b))
+                         for line in p.stderr_lines[-20:])  # fmt: skip
+
+    with pair.client() as c:
+        c.start(200)
+        pair.wait(lambda: len(c.records) >= 100, "replies before the switchover")
+        for old, new in (("a", "b"), ("b", "a")):
+            done = kvmcolo_cmd("switchover", "--control", pair.sock(old), timeout=90)
+            assert done.returncode == 0, done.stderr + logs()
+            assert done.stdout.startswith("switched over:"), done.stdout
+            pair.wait(lambda: pair.colo(new)["checkpoints"] >= 8, f"checkpoints from the new primary {new}")
+            primary, secondary = pair.colo(new), pair.colo(old)
+            assert (primary["role"], primary["state"], secondary["role"], secondary["state"]) == \
+                ("primary", "colo", "secondary", "colo"), (primary, secondary)  # fmt: skip
+            common = set(primary["hashes"]) & set(secondary["hashes"])
+            assert common, (primary["hashes"].keys(), secondary["hashes"].keys())
+            for seq in common:
+                differ = sorted(k for k, v in primary["hashes"][seq].items() if secondary["hashes"][seq].get(k) != v)
+                assert not differ, f"after the switchover to {new}, checkpoint {seq} differs in {differ}"
+            assert primary["switchovers"] and primary["switchovers"] == secondary["switchovers"]
+            assert control.call(pair.sock(old), "query-status")["holds"].get("switchover") is None
+            n = len(c.records)
+            pair.wait(lambda: len(c.records) >= n + 100, f"replies with {new} the primary")
+        assert len(pair.colo("a")["switchovers"]) == 2
+        pair.kill("a")
+        pair.wait(lambda: pair.colo("b")["failovers"], "the takeover", timeout=15)
+        n = len(c.records)
+        pair.wait(lambda: len(c.records) >= n + 100, "replies from the survivor")
+        c.stop()
+        assert c.error is None, c.error  # never reset, never reconnected
+        assert lab.check_sequence(c.values()) == [], lab.check_sequence(c.values())[:5]
+        values = c.values()
+    control.call(pair.sock("b"), "quit")
+    assert pair.b.proc.wait(20) == 0, logs()
+    assert_on_disk(images["b"], values)
+    assert not any("FAIL" in line for line in pair.a.lines + pair.b.lines)
 
 
 def test_internal_error_in_the_comparator_ticker_ends_protection_not_the_session(pair_factory):

@@ -5,9 +5,11 @@ comparator and rewriter behind it, the PVH/ELF loader.
 
 Two engines over the same targets (fuzz_targets.py): hypothesis, with
 random and mutated-seed inputs, in-process; and atheris, coverage-guided
-(libFuzzer), for KVMCOLO_FUZZ_SECONDS (default 8) per target in a
-subprocess, on a fixed seed (KVMCOLO_FUZZ_SEED).  Zero crashes: every input ends in the target's typed refusal
-or is accepted.  benchmarks/fuzz.py runs the longer campaign.
+(libFuzzer), per target in a subprocess, on a fixed seed
+(KVMCOLO_FUZZ_SEED) for a fixed number of inputs (fuzz_targets.CI_RUNS,
+about 4 s each here; capped at 4 x KVMCOLO_FUZZ_SECONDS, default 8).
+Zero crashes: every input ends in the target's typed refusal or is
+accepted.  benchmarks/fuzz.py runs the longer campaign.
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ import fuzz_targets
 from conftest import unavailable
 
 SECONDS = int(os.environ.get("KVMCOLO_FUZZ_SECONDS", "8"))
-# A fixed walk, so that a red run means this commit broke a parser and not
-# that the dice found an old bug (benchmarks/fuzz.py draws new seeds and is
-# where new bugs are looked for).  KVMCOLO_FUZZ_SEED=random draws one here too.
+# A fixed walk (seed and length), so that a red run means this commit broke a
+# parser and not that the dice found an old bug (benchmarks/fuzz.py draws new
+# seeds and is where new bugs are looked for).  KVMCOLO_FUZZ_SEED=random draws
+# one here too, and runs each target for KVMCOLO_FUZZ_SECONDS.
 _SEED = os.environ.get("KVMCOLO_FUZZ_SEED", "1")
 SEED = None if _SEED == "random" else int(_SEED)
 
@@ -97,7 +100,9 @@ def test_atheris_finds_no_crash(name, tmp_path, images):
         unavailable("atheris is not installed (./scripts/setup installs it)")
     from kvmcolo.guest_images import image_path
 
-    result = fuzz_targets.atheris_campaign(name, SECONDS, str(tmp_path), str(image_path("hello")), SEED)
+    runs = fuzz_targets.CI_RUNS[name] if SEED is not None else None  # (a fixed walk: a fixed length too)
+    seconds = SECONDS if runs is None else SECONDS * 4  # (with runs: only a cap, for a slow machine)
+    result = fuzz_targets.atheris_campaign(name, seconds, str(tmp_path), str(image_path("hello")), SEED, runs)
     assert result["crash"] is None, f"{name}: the fuzzer found a crash:\n{result['crash']}"
     assert result["inputs"] > 100, result  # it really ran
 

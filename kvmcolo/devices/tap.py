@@ -70,6 +70,15 @@ class TapBackend:
             except Exception as e:  # noqa: BLE001 - pyroute2 raises NetlinkError with the errno
                 raise UserError(f"cannot add tap {self.name!r} to bridge {bridge!r}: {e}")
 
+    def leave_bridge(self) -> None:
+        """Take the tap off whatever bridge it is a port of (a primary that
+        becomes a secondary: its guest must not meet the LAN)."""
+        with IPRoute() as ipr:
+            try:
+                ipr.link("set", index=_link_index(ipr, self.name), master=0)
+            except Exception as e:  # noqa: BLE001 - pyroute2 raises NetlinkError with the errno
+                raise UserError(f"cannot take tap {self.name!r} off its bridge: {e}")
+
     def drain(self) -> int:
         """Throw away every frame queued on the tap; returns how many."""
         n = 0
