@@ -16,7 +16,9 @@ migrated under a client at 100 requests/s (the longest the client waited
 between two replies); and the healing cycle under the same client
 (SIGKILL the primary, a new secondary on the dead host, automatic
 re-protection via --standby): the longest wait per cycle, against the
-heartbeat timeout.  Needs root.
+heartbeat timeout.  Last, switchovers back and forth: the guest's pause
+(the new primary's record) for the dirty guest, and for netsrv under the
+client the longest wait between two replies.  Needs root.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import re
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -165,6 +169,63 @@ def heal_gaps(cycles: int = 3, rate: float = 100) -> list[float]:
             the_lab.close()
 
 
+def _switchover(sock) -> dict:
+    """`kvmcolo switchover` at `sock`; the new primary's record of it."""
+    before = len(control.call(str(sock), "query-colo")["switchovers"])
+    done = subprocess.run([*lab.kvmcolo_command(), "switchover", "--control", str(sock)], capture_output=True,
+                          text=True, timeout=90)  # fmt: skip
+    if done.returncode != 0:
+        raise SystemExit(f"switchover failed: {done.stderr}")
+    _wait(lambda: len(control.call(str(sock), "query-colo")["switchovers"]) > before)
+    return control.call(str(sock), "query-colo")["switchovers"][-1]
+
+
+def switchover_dirty(mem: str, guest_args: list[str], rounds: int = 4) -> list[float]:
+    """The guest's pause (the new primary's record) for switchovers back and
+    forth of a dirty guest under COLO."""
+    vm = ["--image", "dirty", "--mem", mem]
+    with tempfile.TemporaryDirectory() as tmp:
+        pair = ColoPair(Path(tmp), vm, guest_args)
+        try:
+            pauses, old = [], "a"
+            for _ in range(rounds):
+                pair.wait_checkpoints(pair.tmp / f"{old}.sock", 5)
+                pauses.append(_switchover(pair.tmp / f"{old}.sock")["pause_ms"])
+                old = "b" if old == "a" else "a"
+            return pauses
+        finally:
+            pair.close()
+
+
+def switchover_netsrv_gaps(rounds: int = 4, rate: float = 100) -> list[tuple[float, float]]:
+    """(pause ms, the client's longest wait ms) per switchover of netsrv
+    under a client, back and forth."""
+    with tempfile.TemporaryDirectory() as tmp:
+        the_lab, pair = _lab_pair(tmp)
+        try:
+            pair.start("B")
+            pair.wait_control("B")
+            pair.start("A").wait_line(r"netsrv: ready", timeout=60)
+            pair.wait_colo()
+            out, old = [], "A"
+            with lab.CounterClient(the_lab.client) as client:
+                client.start(rate=rate)
+                time.sleep(2)
+                for _ in range(rounds):
+                    t0 = time.monotonic()
+                    record = _switchover(pair.sock(old))
+                    time.sleep(2)
+                    out.append((record["pause_ms"], client.longest_gap(since=t0 - 0.5)[0] * 1e3))
+                    old = "B" if old == "A" else "A"
+                client.stop()
+                if client.error or client.check_sequence():
+                    raise SystemExit(f"the client saw a problem: {client.error or client.check_sequence()[:3]}")
+            return out
+        finally:
+            pair.stop()
+            the_lab.close()
+
+
 def _wait(condition, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -173,12 +234,7 @@ def _wait(condition, timeout: float = 60) -> None:
         time.sleep(0.02)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--mem", default="256M,1G", help="guest sizes, comma-separated")
-    ap.add_argument("--max-downtime", default="100", help="ms (kvmcolo protect --max-downtime)")
-    args = ap.parse_args()
-    rows = []
+def live_copy_rows(rows: list, args) -> None:
     for mem in args.mem.split(","):
         for name, guest_args in LOADS:
             r = protect_running(mem, guest_args, args.max_downtime)
@@ -199,6 +255,31 @@ def main() -> None:
     rows.append(("healing cycle under a client (100 req/s)", f"{max(gaps) * 1e3:.0f} ms",
                  f"longest wait per cycle {', '.join(f'{g * 1e3:.0f}' for g in gaps)} ms; target: heartbeat "
                  "timeout (1000 ms) + 100 ms"))  # fmt: skip
+
+
+def switchover_rows(rows: list, args) -> None:
+    for mem in args.mem.split(","):
+        pauses = switchover_dirty(mem, ["pages=1000", "rate=10", "report=0"])
+        rows.append((f"switchover {mem}, 1,000 pages / 100 ms", f"{statistics.median(pauses):.1f} ms pause",
+                     f"median of {len(pauses)} back and forth ({', '.join(f'{p:.1f}' for p in pauses)} ms)"))
+    results = switchover_netsrv_gaps()
+    rows.append(("switchover netsrv under a client (100 req/s)",
+                 f"{statistics.median([g for _, g in results]):.0f} ms",
+                 "longest wait between two replies, median of back and forth ("
+                 + ", ".join(f"{g:.0f}" for _, g in results) + " ms; guest paused "
+                 + ", ".join(f"{p:.1f}" for p, _ in results) + " ms)"))  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mem", default="256M,1G", help="guest sizes, comma-separated")
+    ap.add_argument("--max-downtime", default="100", help="ms (kvmcolo protect --max-downtime)")
+    ap.add_argument("--switchover-only", action="store_true", help="only the switchover rows")
+    args = ap.parse_args()
+    rows: list = []
+    if not args.switchover_only:
+        live_copy_rows(rows, args)
+    switchover_rows(rows, args)
     print_table(rows)
 
 

@@ -110,6 +110,23 @@ def test_bad_protect_arguments_are_one_line_each(hosts, tmp_path):
     assert "colo" not in pair.primary.call("query-status")  # nothing was started
 
 
+def test_switchover_where_it_cannot_happen_is_one_line(images, tmp_path):
+    """`kvmcolo switchover` at the secondary, and at a survivor running
+    alone: one line, exit 2, and nothing changes."""
+    pair = ColoPair(tmp_path, VM, DIRTY, primary_args=PROTECT, secondary_args=VERIFY)
+    try:
+        done = kvmcolo_cmd("switchover", "--control", str(pair.tmp / "b.sock"))
+        assert done.returncode == 2 and "this side is the secondary" in done.stderr, done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1 and not done.stdout, done.stderr
+        pair.secondary.proc.kill()
+        pair.wait_failover("a")
+        done = kvmcolo_cmd("switchover", "--control", str(pair.tmp / "a.sock"))
+        assert done.returncode == 2 and "needs a protected pair; COLO is alone" in done.stderr, done.stderr
+        assert pair.colo("a")["state"] == "alone" and pair.primary.call("query-status")["holds"] == {}
+    finally:
+        pair.close()
+
+
 def test_a_survivor_is_protected_again_by_a_new_secondary(images, tmp_path):
     pair = ColoPair(tmp_path, VM, DIRTY, primary_args=PROTECT, secondary_args=VERIFY)
     try:
