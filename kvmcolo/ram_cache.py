@@ -15,6 +15,12 @@ from kvmcolo.dirty_log import RegionDirty, merge_and_copy, scatter_pages
 from kvmcolo.memory import GuestMemory
 
 
+# copy_from() works in slices: a memcpy holds the GIL, and a whole 1 GiB
+# guest's (faulting in the fresh mapping) would starve the heartbeats for
+# longer than the peer's timeout.
+COPY_SLICE = 8 << 20
+
+
 class RamCache:
     def __init__(self, mem_size: int):
         self.memory = GuestMemory(mem_size)
@@ -35,7 +41,8 @@ class RamCache:
             dst = self._regions.get(src.slot)
             if dst is None or dst.size != src.size:
                 raise vmstate.IncompatibleState(f"memory slot {src.slot} does not match the cache")
-            dst.view[:] = src.view  # one memcpy per region
+            for at in range(0, src.size, COPY_SLICE):  # the GIL is free between slices
+                dst.view[at : at + COPY_SLICE] = src.view[at : at + COPY_SLICE]
 
     def refresh(self, dirty: list[RegionDirty]) -> int:
         """The pages of this host's guest dirtied since copy_from() (from a

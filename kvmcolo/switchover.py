@@ -111,9 +111,11 @@ def old_secondary(machine, secondary, adopt) -> None:
     except _LINK_FAILURES as e:
         primary.abandon(f"switchover: the new secondary was lost before the new pair ran: {e}")
         secondary.release_switch_hold()
+        secondary.release_cache()
         return
     t_pair = time.perf_counter()
     pause_ms = secondary.release_switch_hold()
+    secondary.release_cache()
     log.info("switchover: disks and taps taken over in %.1f ms, the new pair in %.1f ms", (t_link - t0) * 1e3,
              (t_pair - t_link) * 1e3)  # fmt: skip
     primary.status.switched_over(old_peer, pause_ms or 0.0)
