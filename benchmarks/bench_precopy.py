@@ -125,48 +125,55 @@ def migrate_netsrv_gap(rate: float = 100) -> float:
                 if done.returncode != 0:
                     raise SystemExit(f"migrate failed: {done.stderr}")
                 time.sleep(2)
-                client.stop()
-                if client.error or client.check_sequence():
-                    raise SystemExit(f"the client saw a problem: {client.error or client.check_sequence()[:3]}")
+                _stop_and_check(client)
                 return client.longest_gap(since=t0 - 1)[0]
         finally:
             pair.stop()
             the_lab.close()
 
 
-def heal_gaps(cycles: int = 3, rate: float = 100) -> list[float]:
-    """The longest wait between two replies in each healing cycle."""
+@contextlib.contextmanager
+def _netsrv_pair_under_client(extra: dict | None = None, rate: float = 100):
+    """netsrv under COLO on the lab (A primary, B secondary; `extra`: side
+    -> boot options), a counter client at `rate` on one connection; yields
+    (the ColoLab, the client).  At the end the client must have seen one
+    unbroken sequence."""
+    extra = extra or {}
     with tempfile.TemporaryDirectory() as tmp:
         the_lab, pair = _lab_pair(tmp)
-        standby = {s: ["--standby", f"{lab.other_addr(s)}:{lab.REPL_PORT}"] for s in "AB"}
         try:
-            pair.start("B", standby["B"])
+            pair.start("B", extra.get("B", []))
             pair.wait_control("B")
-            pair.start("A", standby["A"]).wait_line(r"netsrv: ready", timeout=60)
+            pair.start("A", extra.get("A", [])).wait_line(r"netsrv: ready", timeout=60)
             pair.wait_colo()
-            gaps, primary = [], "A"
             with lab.CounterClient(the_lab.client) as client:
                 client.start(rate=rate)
                 time.sleep(2)
-                for cycle in range(1, cycles + 1):
-                    survivor = "B" if primary == "A" else "A"
-                    t0 = time.monotonic()
-                    pair.procs[primary].proc.kill()
-                    pair.procs[primary].proc.wait(10)
-                    _wait(lambda: len(control.call(pair.sock(survivor), "query-colo")["failovers"]) == cycle)
-                    pair.start(primary, standby[primary], role="secondary")
-                    pair.wait_control(primary)
-                    _wait(lambda: control.call(pair.sock(survivor), "query-colo")["state"] == "colo")
-                    time.sleep(1)
-                    gaps.append(client.longest_gap(since=t0 - 0.5)[0])
-                    primary = survivor
-                client.stop()
-                if client.error or client.check_sequence():
-                    raise SystemExit(f"the client saw a problem: {client.error or client.check_sequence()[:3]}")
-            return gaps
+                yield pair, client
+                _stop_and_check(client)
         finally:
             pair.stop()
             the_lab.close()
+
+
+def heal_gaps(cycles: int = 3) -> list[float]:
+    """The longest wait between two replies in each healing cycle."""
+    standby = {s: ["--standby", f"{lab.other_addr(s)}:{lab.REPL_PORT}"] for s in "AB"}
+    gaps, primary = [], "A"
+    with _netsrv_pair_under_client(standby) as (pair, client):
+        for cycle in range(1, cycles + 1):
+            survivor = "B" if primary == "A" else "A"
+            t0 = time.monotonic()
+            pair.procs[primary].proc.kill()
+            pair.procs[primary].proc.wait(10)
+            _wait(lambda: len(control.call(pair.sock(survivor), "query-colo")["failovers"]) == cycle)
+            pair.start(primary, standby[primary], role="secondary")
+            pair.wait_control(primary)
+            _wait(lambda: control.call(pair.sock(survivor), "query-colo")["state"] == "colo")
+            time.sleep(1)
+            gaps.append(client.longest_gap(since=t0 - 0.5)[0])
+            primary = survivor
+    return gaps
 
 
 def _switchover(sock) -> dict:
@@ -197,33 +204,25 @@ def switchover_dirty(mem: str, guest_args: list[str], rounds: int = 4) -> list[f
             pair.close()
 
 
-def switchover_netsrv_gaps(rounds: int = 4, rate: float = 100) -> list[tuple[float, float]]:
+def switchover_netsrv_gaps(rounds: int = 4) -> list[tuple[float, float]]:
     """(pause ms, the client's longest wait ms) per switchover of netsrv
     under a client, back and forth."""
-    with tempfile.TemporaryDirectory() as tmp:
-        the_lab, pair = _lab_pair(tmp)
-        try:
-            pair.start("B")
-            pair.wait_control("B")
-            pair.start("A").wait_line(r"netsrv: ready", timeout=60)
-            pair.wait_colo()
-            out, old = [], "A"
-            with lab.CounterClient(the_lab.client) as client:
-                client.start(rate=rate)
-                time.sleep(2)
-                for _ in range(rounds):
-                    t0 = time.monotonic()
-                    record = _switchover(pair.sock(old))
-                    time.sleep(2)
-                    out.append((record["pause_ms"], client.longest_gap(since=t0 - 0.5)[0] * 1e3))
-                    old = "B" if old == "A" else "A"
-                client.stop()
-                if client.error or client.check_sequence():
-                    raise SystemExit(f"the client saw a problem: {client.error or client.check_sequence()[:3]}")
-            return out
-        finally:
-            pair.stop()
-            the_lab.close()
+    out, old = [], "A"
+    with _netsrv_pair_under_client() as (pair, client):
+        for _ in range(rounds):
+            t0 = time.monotonic()
+            record = _switchover(pair.sock(old))
+            time.sleep(2)
+            out.append((record["pause_ms"], client.longest_gap(since=t0 - 0.5)[0] * 1e3))
+            old = "B" if old == "A" else "A"
+    return out
+
+
+def _stop_and_check(client) -> None:
+    """The client saw one unbroken sequence on one connection, or the run is void."""
+    client.stop()
+    if client.error or client.check_sequence():
+        raise SystemExit(f"the client saw a problem: {client.error or client.check_sequence()[:3]}")
 
 
 def _wait(condition, timeout: float = 60) -> None:
