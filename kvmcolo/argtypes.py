@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import socket
+
+from kvmcolo.errors import UserError
 
 
 def number(kind, low: float, high: float, unit: str = ""):
@@ -23,6 +26,21 @@ def number(kind, low: float, high: float, unit: str = ""):
 
     parse.__name__ = kind.__name__
     return parse
+
+
+def address(text: str, option: str) -> tuple[str, int]:
+    """HOST:PORT, the host resolved once now: a name that does not resolve
+    is a mistake to report at once, not a peer to wait 60 s for.  UserError
+    names `option` (the command line's, or a control command's)."""
+    host, sep, port = (text if isinstance(text, str) else "").rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UserError(f"{option} needs HOST:PORT, got {text!r}")
+    host = host.strip("[]") or "0.0.0.0"
+    try:
+        socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise UserError(f"{option}: cannot resolve {host!r}: {e.strerror}")
+    return host, int(port)
 
 
 def _show(x: float) -> str:

@@ -12,12 +12,11 @@ import logging
 import os
 import re
 import signal
-import socket
 import time
 import sys
 
 from kvmcolo import __version__
-from kvmcolo.argtypes import number
+from kvmcolo.argtypes import address, number
 from kvmcolo.cpu_model import CpuModel
 from kvmcolo.errors import UserError
 
@@ -331,20 +330,6 @@ def _cmd_run(args) -> int:
     return _serve(machine, args.control, config.serial_output)
 
 
-def _address(text: str, option: str) -> tuple[str, int]:
-    """HOST:PORT, the host resolved once now: a name that does not resolve
-    is a mistake to report at once, not a peer to wait 60 s for."""
-    host, sep, port = (text or "").rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise UserError(f"{option} needs HOST:PORT, got {text!r}")
-    host = host.strip("[]") or "0.0.0.0"
-    try:
-        socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
-    except socket.gaierror as e:
-        raise UserError(f"{option}: cannot resolve {host!r}: {e.strerror}")
-    return host, int(port)
-
-
 def _secondary_overlays(config, overlay_dir):
     """The secondary sees each disk through a FUSE overlay: finish any apply a
     killed run left half done, clear stale mounts, mount, and point the
@@ -389,7 +374,7 @@ def _cmd_boot(args) -> int:
         raise UserError("boot --primary needs --kernel or --image")
     options = _colo_options(args)
     key = wire.load_key(args.key_file)
-    standby = [_address(s, "--standby") for s in args.standby]
+    standby = [address(s, "--standby") for s in args.standby]
     config = _machine_config(args, boot_kernel=args.primary)
     config.attach_bridges = bool(args.primary)  # the secondary's taps join their bridges at failover
     overlays, bases = [], []
@@ -409,11 +394,11 @@ def _cmd_boot(args) -> int:
         if args.primary:
             from kvmcolo.colo_primary import ColoPrimary
 
-            colo = ColoPrimary(machine, _address(args.peer, "--peer"), key, options)
+            colo = ColoPrimary(machine, address(args.peer, "--peer"), key, options)
         else:
             from kvmcolo.colo_secondary import ColoSecondary
 
-            colo = ColoSecondary(machine, _address(args.listen, "--listen"), key, options, bases, overlays,
+            colo = ColoSecondary(machine, address(args.listen, "--listen"), key, options, bases, overlays,
                                  incoming=args.incoming)  # fmt: skip
         vmm = Vmm(machine, args.control or control.default_path(), colo, standby, disks)
     except BaseException:
@@ -457,7 +442,7 @@ def _cmd_protect(args) -> int:
 
     migrating = args.command == "migrate"
     options = ColoOptions(**_precopy_options(args)) if migrating else _colo_options(args)
-    _address(args.peer, "--peer")
+    address(args.peer, "--peer")
     key_file = os.path.abspath(args.key_file)
     wire.load_key(key_file)  # a bad key file is this command's mistake: said here, at once
     path = control.find_socket(args.control)

@@ -10,6 +10,7 @@ import threading
 import time
 
 from kvmcolo import switchover, vmstate, wire
+from kvmcolo.argtypes import address
 from kvmcolo.colo_disk import DiskViews
 from kvmcolo.colo_session import ColoOptions
 from kvmcolo.control import CommandError, ControlServer, QuitAfterReply
@@ -367,9 +368,10 @@ def _protect_arguments(peer, key_file, options) -> tuple[tuple[str, int], bytes,
     """The protect command's arguments, checked: each mistake one CommandError."""
     import dataclasses
 
-    host, sep, port = (peer if isinstance(peer, str) else "").rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise CommandError(f"protect: peer must be HOST:PORT, not {peer!r}")
+    try:
+        peer_address = address(peer, "protect: peer")
+    except UserError as e:
+        raise CommandError(str(e))
     if not isinstance(key_file, str) or not key_file:
         raise CommandError("protect: key_file must name the shared key file")
     try:
@@ -390,4 +392,4 @@ def _protect_arguments(peer, key_file, options) -> tuple[tuple[str, int], bytes,
         raise CommandError(f"protect: {e}")
     if colo_options.heartbeat_timeout <= colo_options.heartbeat_interval:
         raise CommandError("protect: the heartbeat timeout must be longer than the heartbeat interval")
-    return (host.strip("[]"), int(port)), key, colo_options
+    return peer_address, key, colo_options

@@ -11,8 +11,9 @@ import signal
 
 import pytest
 
-from conftest import wait_until
+from conftest import require_device, wait_until
 from kvmcolo import control, lab
+from test_colo_net import assert_on_disk, log_disks
 from vmm_process import GuestProcess
 
 
@@ -60,13 +61,19 @@ def test_protect_a_serving_guest_under_a_client_then_fail_over(the_lab):
     assert protection["downtime_ms"] is not None and protection["rounds"] >= 1
 
 
-def test_the_pair_heals_itself_through_five_host_failures_on_one_connection(the_lab):
-    """The healing soak: netsrv under a client on one TCP connection; each
-    side has --standby naming the other host.  Five times: SIGKILL the
-    primary's VMM, the survivor takes over, a new secondary starts on the
-    dead host, and the survivor protects the guest with it by itself."""
+def test_the_pair_heals_itself_through_five_host_failures_on_one_connection(the_lab, tmp_path):
+    """The healing soak: netsrv under a client on one TCP connection,
+    journaling every counter value to its disk before replying; each side
+    has --standby naming the other host.  Five times: SIGKILL the primary's
+    VMM, the survivor takes over, a new secondary starts on the dead host
+    (its disk image stale: only differing chunks travel), and the survivor
+    protects the guest with it by itself.  At the end every value the
+    client was told is on the last survivor's disk."""
+    require_device("/dev/fuse", "FUSE")
     the_lab, pair = the_lab
-    standby = {s: ["--standby", f"{lab.other_addr(s)}:{lab.REPL_PORT}"] for s in "AB"}
+    images = log_disks(tmp_path)
+    standby = {s: ["--standby", f"{lab.other_addr(s)}:{lab.REPL_PORT}", "--disk", str(images[s.lower()]),
+                   "--overlay-dir", str(tmp_path / f"ovl-{s}")] for s in "AB"}  # fmt: skip
 
     def colo(side: str) -> dict:
         return control.call(pair.sock(side), "query-colo")
@@ -76,7 +83,7 @@ def test_the_pair_heals_itself_through_five_host_failures_on_one_connection(the_
 
     pair.start("B", standby["B"])
     pair.wait_control("B")
-    pair.start("A", standby["A"]).wait_line(r"netsrv: ready", timeout=60)
+    pair.start("A", standby["A"], guest_args=["log=1"]).wait_line(r"netsrv: ready", timeout=60)
     pair.wait_colo()
     primary = "A"
     with lab.CounterClient(the_lab.client) as client:
@@ -105,6 +112,9 @@ def test_the_pair_heals_itself_through_five_host_failures_on_one_connection(the_
     history = colo(primary)
     assert len(history["failovers"]) == 5, history["failovers"]
     assert len(history["protections"]) == 6, history["protections"]  # the first, then five re-protections
+    control.call(pair.sock(primary), "quit")
+    assert pair.procs[primary].proc.wait(20) == 0, logs()
+    assert_on_disk(images[primary.lower()], client.values())
 
 
 def test_migrate_a_serving_guest_under_a_client(the_lab):
