@@ -59,6 +59,7 @@ HANDSHAKE_LIMIT = 4096
 # a full copy of that machine can need (colo_link.payload_limit).
 DEFAULT_MAX_PAYLOAD = 1 << 20
 PROGRESS_CHUNK = 1 << 20
+STREAM_CHUNK = 1 << 20  # a frame is MAC'd and sent, received and verified, this much at a time
 
 
 class ChannelError(Exception):
@@ -142,28 +143,50 @@ class Channel:
         with self._send_lock:
             header = _FRAME.pack(mtype, 0, 0, self._send_seq, length)
             mac = hmac.new(self._send_key, header, hashlib.sha256)
-            for p in parts:
-                mac.update(p)
             try:
-                frame = [header, _header_tag(self._send_key, header), *parts, mac.digest()]
                 if stall_midway:
+                    for p in parts:
+                        mac.update(p)
+                    frame = [header, _header_tag(self._send_key, header), *parts, mac.digest()]
                     first, rest = split_views(frame, (length + _FRAME.size) // 2)
                     self._sendall(first, length, progress)
                     if progress:
                         progress(-1, length)  # "stalled" marker for the caller
                     time.sleep(stall_midway)
-                    frame = rest
-                self._sendall(frame, length, progress)
+                    self._sendall(rest, length, progress)
+                else:
+                    self._send_streaming(header, parts, mac, length, progress)
             except (OSError, TimeoutError) as e:
                 raise PeerLost(f"sending to {self.peer} failed: {e}") from e
             self._send_seq += 1
             self.last_sent = time.monotonic()
             self.bytes_sent += length + FRAME_OVERHEAD
 
-    def _sendall(self, views: list[memoryview], total: int, progress) -> None:
+    def _send_streaming(self, header: bytes, parts: list[memoryview], mac, length: int, progress) -> None:
+        """The frame in slices of STREAM_CHUNK, each MAC'd just before it goes
+        (the tag still comes last): hashing one slice overlaps the kernel
+        moving the one before, and the receiver verifies as it receives,
+        instead of hashing the whole payload before its first byte leaves
+        (21 ms for a 41 MB checkpoint here, on each side)."""
+        first = [memoryview(header), memoryview(_header_tag(self._send_key, header))]
+        sent = 0
+        views = list(parts)
+        while True:
+            batch, views = split_views(views, STREAM_CHUNK)
+            for v in batch:
+                mac.update(v)
+            if not views:
+                batch.append(memoryview(mac.digest()))
+            sent = self._sendall(first + batch, length, progress, sent)
+            first = []
+            if not views:
+                return
+
+    def _sendall(self, views: list[memoryview], total: int, progress, sent_before: int = 0) -> int:
         """sendmsg until everything is out.  With a progress callback, at most
-        PROGRESS_CHUNK bytes go per call so progress is reported along the way."""
-        sent_payload = 0
+        PROGRESS_CHUNK bytes go per call so progress is reported along the way.
+        Returns the bytes sent so far (`sent_before` plus these)."""
+        sent_payload = sent_before
         views = [memoryview(v).cast("B") for v in views]
         while views:
             batch = views[:512]
@@ -179,6 +202,7 @@ class Channel:
             consume(views, n)
             if progress is not None:
                 progress(min(sent_payload, total), total)
+        return sent_payload
 
     # ---- receiving -------------------------------------------------------------
 
@@ -210,10 +234,12 @@ class Channel:
         if len(self._buffer) < length:
             self._buffer = bytearray(length)
         payload = memoryview(self._buffer)[:length]
-        self._recv_exactly(payload)
-        self._recv_exactly(memoryview(self._tag))
         mac = hmac.new(self._recv_key, header, hashlib.sha256)
-        mac.update(payload)
+        for at in range(0, length, STREAM_CHUNK):  # verified as it arrives (the sender's slices)
+            piece = payload[at : at + STREAM_CHUNK]
+            self._recv_exactly(piece)
+            mac.update(piece)
+        self._recv_exactly(memoryview(self._tag))
         if not hmac.compare_digest(mac.digest(), bytes(self._tag)):
             raise AuthenticationError(f"frame {seq} from {self.peer} failed authentication (forged or damaged)")
         if seq != self._recv_seq:
