@@ -181,6 +181,15 @@ def _end(sock: socket.socket) -> None:
         pass
 
 
+def peer_address(sock: socket.socket) -> tuple[str, int]:
+    """(host, port) of a connected socket's peer; ("socketpair", 0) for the
+    in-process harness's Unix socketpair."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return "socketpair", 0
+    host, port = sock.getpeername()[:2]
+    return host, port
+
+
 def open_secondary(sock: socket.socket, peer: str, key: bytes, config: bytes) -> Channel:
     """The secondary's side on a connected socket (the in-process harness)."""
     return check_config(server_handshake(sock, key, "secondary", peer, HANDSHAKE_TIMEOUT), peer, config)

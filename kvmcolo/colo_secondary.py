@@ -106,7 +106,7 @@ class ColoSecondary:
             log.info("secondary: waiting for the primary on %s:%d", *self.listen_addr)
             ch, peer = colo_link.accept(self._server, self.key, config)
         else:
-            peer = _peer_name(sock)
+            peer = "{}:{}".format(*colo_link.peer_address(sock))
             ch = colo_link.open_secondary(sock, peer, self.key, config)
         self.channel = ch
         self.status.set(peer=peer)
@@ -397,14 +397,7 @@ class ColoSecondary:
         bridges and the guest is announced, as at a takeover but with no
         lost peer (no fencing: the old primary becomes this side's
         secondary).  Returns the connected socket, for the new pair."""
-        with self._lock:
-            self.failover_state.require("switchover")
-        self.failover_state.activate()
-        self._ended.set()
-        self.disks.take_over()
-        if self.network is not None:
-            self.network.take_over()
-        self.failover_state.complete()
+        self._take_over_unfenced("switchover")
         if self._server is not None:
             self._server.close()  # a primary now: nobody connects here
             self._server = None
@@ -423,17 +416,23 @@ class ColoSecondary:
         become the disks, the taps join their bridges and the guest is
         announced — a takeover, without a lost peer (no fencing: the source
         is alive, and keeps its guest stopped for good)."""
+        self._take_over_unfenced("incoming migration complete")
+        hang_up(None, self.channel)
+        self.status.set(state="active", phase="idle")
+        self.status.migrated_in(self.status.peer)
+
+    def _take_over_unfenced(self, reason: str) -> None:
+        """The guest is this side's, its peer alive and handing it over: the
+        overlays become the disks, the taps join their bridges and the guest
+        is announced; no fencing, and nothing more of the peer is adopted."""
         with self._lock:
-            self.failover_state.require("incoming migration complete")
+            self.failover_state.require(reason)
         self.failover_state.activate()
         self._ended.set()
-        hang_up(None, self.channel)
         self.disks.take_over()
         if self.network is not None:
             self.network.take_over()
         self.failover_state.complete()
-        self.status.set(state="active", phase="idle")
-        self.status.migrated_in(self.status.peer)
 
     def _goodbye_queued(self) -> bool:
         """Whether a GOODBYE already waits, unread, behind the frames queued
@@ -479,12 +478,3 @@ class ColoSecondary:
             self._server.close()
         self.cache.close()
         self.disks.close()
-
-
-def _peer_name(sock: socket.socket) -> str:
-    """HOST:PORT of a connected TCP socket (a switchover's), else "socketpair"
-    (the in-process harness)."""
-    if sock.family not in (socket.AF_INET, socket.AF_INET6):
-        return "socketpair"
-    host, port = sock.getpeername()[:2]
-    return f"{host}:{port}"

@@ -27,7 +27,6 @@ the same state, fails over as a secondary that lost its primary.
 from __future__ import annotations
 
 import logging
-import socket
 import time
 
 from kvmcolo import colo_link, vmstate
@@ -54,17 +53,19 @@ def old_primary(machine, primary, disks, adopt) -> None:
     cache, changed = _cache_of_own_ram(machine)
     held_at = time.perf_counter()
     machine.hold("switchover")
+
+    def undo() -> None:  # the roles stay as they were
+        machine.release("switchover")
+        disks.unprepare()
+        cache.close()
+
     try:
         switched = primary.switch_over(LAST_CHECKPOINT_TIMEOUT_S)
     except BaseException:
-        machine.release("switchover")
-        disks.unprepare()
-        cache.close()
+        undo()
         raise
     if not switched:
-        machine.release("switchover")
-        disks.unprepare()
-        cache.close()
+        undo()
         _refused(primary, "switchover failed: the secondary was lost before the last checkpoint; the guest runs "
                  "on here alone")  # fmt: skip
         return
@@ -101,9 +102,7 @@ def old_secondary(machine, secondary, adopt) -> None:
     t0 = time.perf_counter()
     sock = secondary.hand_over_link()
     t_link = time.perf_counter()
-    tcp = sock.family in (socket.AF_INET, socket.AF_INET6)
-    host, port = sock.getpeername()[:2] if tcp else ("socketpair", 0)  # (the in-process harness)
-    primary = ColoPrimary(machine, (host, port), secondary.key, secondary.options, secondary.status,
+    primary = ColoPrimary(machine, colo_link.peer_address(sock), secondary.key, secondary.options, secondary.status,
                           colo_link.MODE_SWITCHOVER)  # fmt: skip
     adopt(primary)
     try:
